@@ -64,8 +64,12 @@ def test_round_trip_rebuilds_from_manifest_and_gives_identical_outputs(task, tmp
 
 def test_manifest_fields(tmp_path: Path) -> None:
     save_checkpoint(
-        tmp_path, _model(), vocab=VOCAB.to_dict(), parent_version="m-parent",
-        training={"epochs": 3}, metrics={"valid": {"loss": 2.0}},
+        tmp_path,
+        _model(),
+        vocab=VOCAB.to_dict(),
+        parent_version="m-parent",
+        training={"epochs": 3},
+        metrics={"valid": {"loss": 2.0}},
     )
     data = json.loads((tmp_path / "manifest.json").read_text())
     assert data["format_version"] == 1

@@ -11,7 +11,13 @@ import torch
 from stream_rnn.model import ModelConfig, RecurrentModel
 from stream_rnn.predict.offline import score_records
 from stream_rnn.registry import load_checkpoint, save_checkpoint
-from stream_rnn.train.data import Record, read_records, records_to_events, write_events, write_records
+from stream_rnn.train.data import (
+    Record,
+    read_records,
+    records_to_events,
+    write_events,
+    write_records,
+)
 from stream_rnn.train.vocab import Vocab
 
 VOCAB = Vocab.build(["abcdefghij klm"], "char")
@@ -25,7 +31,11 @@ RECORDS = [
 def _checkpoint(tmp_path: Path, task: str, labels=None):
     torch.manual_seed(5)
     cfg = ModelConfig(
-        task=task, cell="gru", vocab_size=len(VOCAB), embed_dim=8, hidden_size=12,
+        task=task,
+        cell="gru",
+        vocab_size=len(VOCAB),
+        embed_dim=8,
+        hidden_size=12,
         num_labels=len(labels) if labels else 0,
     )
     save_checkpoint(tmp_path, RecurrentModel(cfg), vocab=VOCAB.to_dict(), labels=labels)
@@ -79,4 +89,3 @@ def test_event_logs_score_like_sequence_files(tmp_path: Path) -> None:
     a = list(score_records(model, manifest, read_records(tmp_path / "seq.jsonl")))
     b = list(score_records(model, manifest, read_records(tmp_path / "ev.jsonl")))
     assert json.dumps(a) == json.dumps(b)
-

@@ -30,7 +30,9 @@ def _distinct_batch(length: int):
 
 def _model(vocab_size: int, cell: str = "rnn_tanh") -> RecurrentModel:
     torch.manual_seed(0)
-    cfg = ModelConfig(task="next-token", cell=cell, vocab_size=vocab_size, embed_dim=4, hidden_size=6)
+    cfg = ModelConfig(
+        task="next-token", cell=cell, vocab_size=vocab_size, embed_dim=4, hidden_size=6
+    )
     return RecurrentModel(cfg)
 
 
@@ -115,7 +117,9 @@ def classify_split():
 
 
 def test_training_learns_and_keeps_the_best_epoch(classify_split, tmp_path: Path) -> None:
-    cfg = TrainConfig(task="classify", cell="gru", hidden=48, embed=16, epochs=6, lr=5e-3, seed=1, patience=10)
+    cfg = TrainConfig(
+        task="classify", cell="gru", hidden=48, embed=16, epochs=6, lr=5e-3, seed=1, patience=10
+    )
     result = train(cfg, classify_split.train, classify_split.valid, tmp_path)
     losses = [h["valid"]["loss"] for h in result.history]
     assert result.best_epoch == 1 + losses.index(min(losses))
@@ -133,7 +137,12 @@ def test_training_is_reproducible(classify_split, tmp_path: Path) -> None:
     cfg = TrainConfig(task="classify", cell="lstm", hidden=16, embed=8, epochs=1, seed=7)
     a = train(cfg, classify_split.train[:200], classify_split.valid, tmp_path / "a")
     b = train(cfg, classify_split.train[:200], classify_split.valid, tmp_path / "b")
-    c = train(TrainConfig(**{**cfg.__dict__, "seed": 8}), classify_split.train[:200], classify_split.valid, tmp_path / "c")
+    c = train(
+        TrainConfig(**{**cfg.__dict__, "seed": 8}),
+        classify_split.train[:200],
+        classify_split.valid,
+        tmp_path / "c",
+    )
     assert a.manifest.weights_sha256 == b.manifest.weights_sha256
     assert a.manifest.weights_sha256 != c.manifest.weights_sha256
 
@@ -147,7 +156,19 @@ def test_early_stopping(classify_split, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("task", "extra"),
     [
-        ("next-token", dict(tbptt_k1=8, tbptt_k2=16, tf_schedule="linear", tf_ratio=1.0, tf_min_ratio=0.5, tf_decay_steps=20, layers=2, dropout=0.1)),
+        (
+            "next-token",
+            dict(
+                tbptt_k1=8,
+                tbptt_k2=16,
+                tf_schedule="linear",
+                tf_ratio=1.0,
+                tf_min_ratio=0.5,
+                tf_decay_steps=20,
+                layers=2,
+                dropout=0.1,
+            ),
+        ),
         ("tag", dict(cell="lstm")),
         ("seq2seq", dict(tf_schedule="inverse-sigmoid", tf_sigmoid_k=20, bidirectional=True)),
         ("classify", dict(cell="lstm", bidirectional=True)),
@@ -155,9 +176,17 @@ def test_early_stopping(classify_split, tmp_path: Path) -> None:
 )
 def test_every_task_trains_and_improves(task: str, extra: dict, tmp_path: Path) -> None:
     split = generate_split(task, 300, 60, 0, seed=0)
-    cfg = TrainConfig(**{**dict(task=task, cell="gru", hidden=32, embed=16, epochs=3, lr=5e-3, patience=5), **extra})
+    cfg = TrainConfig(
+        **{
+            **dict(task=task, cell="gru", hidden=32, embed=16, epochs=3, lr=5e-3, patience=5),
+            **extra,
+        }
+    )
     result = train(cfg, split.train, split.valid, tmp_path)
-    first, best = result.history[0]["valid"]["loss"], min(h["valid"]["loss"] for h in result.history)
+    first, best = (
+        result.history[0]["valid"]["loss"],
+        min(h["valid"]["loss"] for h in result.history),
+    )
     assert best < first or result.history[0]["valid"]["accuracy"] > 0.9
     if task == "seq2seq":
         assert "exact_match" in result.manifest.metrics["valid"]
@@ -167,8 +196,18 @@ def test_clear_errors_for_bad_runs(classify_split, tmp_path: Path) -> None:
     with pytest.raises(TrainError, match="training data is empty"):
         train(TrainConfig(task="classify"), [], classify_split.valid, tmp_path)
     with pytest.raises(TrainError, match="--tbptt applies to next-token and tag"):
-        train(TrainConfig(task="classify", tbptt_k1=4), classify_split.train, classify_split.valid, tmp_path)
+        train(
+            TrainConfig(task="classify", tbptt_k1=4),
+            classify_split.train,
+            classify_split.valid,
+            tmp_path,
+        )
     with pytest.raises(TrainError, match="CUDA is not available"):
         if torch.cuda.is_available():
             raise TrainError("CUDA is not available (skipping: this machine has CUDA)")
-        train(TrainConfig(task="classify", device="cuda"), classify_split.train, classify_split.valid, tmp_path)
+        train(
+            TrainConfig(task="classify", device="cuda"),
+            classify_split.train,
+            classify_split.valid,
+            tmp_path,
+        )

@@ -1,0 +1,18 @@
+# The two set-up commands of the README. Both install what they need themselves.
+.PHONY: demo test lint setup
+
+setup:
+	bash deploy/bootstrap.sh
+
+# The main job end to end on a local default (no downloads beyond the packages).
+demo: setup
+	.venv/bin/stream-rnn demo
+
+# The whole test suite: lint, type check, unit + integration tests (real Kafka broker).
+test: setup lint
+	.venv/bin/python -m pytest
+
+lint: setup
+	.venv/bin/ruff check stream_rnn tests simulations
+	.venv/bin/ruff format --check stream_rnn tests simulations
+	.venv/bin/mypy

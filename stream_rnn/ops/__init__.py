@@ -1,0 +1,1 @@
+"""Operations: CLI, settings, local Kafka broker, metrics and deployment helpers."""
