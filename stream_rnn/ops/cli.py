@@ -29,10 +29,19 @@ def _register() -> None:
         score_cmd,
         train_cmd,
     )
+    from stream_rnn.ops.cli_stream import simulate_cmd
     from stream_rnn.ops.demo import demo_cmd
     from stream_rnn.ops.kafka_cli import kafka_group
 
-    for command in (train_cmd, score_cmd, generate_cmd, grad_report_cmd, info_cmd, demo_cmd):
+    for command in (
+        train_cmd,
+        score_cmd,
+        generate_cmd,
+        grad_report_cmd,
+        info_cmd,
+        simulate_cmd,
+        demo_cmd,
+    ):
         cli.add_command(command)
     cli.add_command(data_group)
     cli.add_command(kafka_group)

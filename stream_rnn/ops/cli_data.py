@@ -8,7 +8,7 @@ from typing import Any
 import click
 from rich.console import Console
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 @click.group("data")

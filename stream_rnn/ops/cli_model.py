@@ -13,7 +13,7 @@ from rich.console import Console
 from stream_rnn.model.config import CELLS
 from stream_rnn.ops.settings import get_settings
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 TASK_CHOICE = click.Choice(["next-token", "classify", "tag", "seq2seq"])
 CELL_CHOICE = click.Choice(list(CELLS))
@@ -327,10 +327,7 @@ def grad_report_cmd(
             curves, out_dir, f"dL_T/dh(t), T={length}, hidden={hidden}, fresh init"
         )
         for c in curves:
-            far = c.norms[0] / c.norms[-1] if c.norms[-1] else 0.0
-            console.print(
-                f"{c.name:>9}: |dL/dh(T)| {c.norms[-1]:.3e}  |dL/dh(0)| {c.norms[0]:.3e}  ratio {far:.1e}"
-            )
+            console.print(f"{c.name:>9}: {c.summary()}")
     console.print("wrote " + ", ".join(str(p) for p in paths))
 
 

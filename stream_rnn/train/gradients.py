@@ -9,6 +9,7 @@ from T; LSTM and GRU keep it alive much longer — the lecture's picture, measur
 
 from __future__ import annotations
 
+import copy
 import csv
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,22 @@ class GradCurve:
     name: str
     norms: list[float]
 
+    def horizon(self, drop: float = 1e-3) -> int:
+        """Steps back from T until the norm first falls below ``drop`` x its value at T."""
+        last = self.norms[-1]
+        for back, value in enumerate(reversed(self.norms)):
+            if value < drop * last:
+                return back
+        return len(self.norms)
+
+    def summary(self) -> str:
+        back = min(20, len(self.norms) - 1)
+        ratio = self.norms[-1 - back] / self.norms[-1] if self.norms[-1] else 0.0
+        return (
+            f"|dL/dh(T)| {self.norms[-1]:.2e}; {back} steps back x{ratio:.1e}; "
+            f"falls below 1e-3 of it after {self.horizon()} steps"
+        )
+
 
 def state_gradient_norms(model: RecurrentModel, tokens: Tensor, target: Tensor) -> list[float]:
     """Per-step gradient norms of the last step's loss w.r.t. the recurrent state.
@@ -37,8 +54,9 @@ def state_gradient_norms(model: RecurrentModel, tokens: Tensor, target: Tensor) 
     """
     if model.config.bidirectional:
         raise ValueError("gradient report needs a unidirectional model")
-    was_training = model.training
-    model.train(False)
+    # float64 copy: vanishing gradients underflow float32 to exactly 0 within ~40 steps,
+    # which would hide the slope the report is about.
+    model = copy.deepcopy(model).double().train(False)
     batch, steps = tokens.shape
     state: State = model.init_state(batch, tokens.device)
     kept: list[list[Tensor]] = []
@@ -62,8 +80,6 @@ def state_gradient_norms(model: RecurrentModel, tokens: Tensor, target: Tensor) 
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parts]
         per_example = torch.cat([g.permute(1, 0, 2).reshape(batch, -1) for g in grads], dim=1)
         norms.append(float(per_example.norm(dim=1).mean()))
-    model.zero_grad(set_to_none=True)
-    model.train(was_training)
     return norms
 
 

@@ -1,0 +1,138 @@
+"""Engine throughput against a naive loop and a dense ceiling, in one process.
+
+Setup (issue 3, section 6): GRU 2 layers x 128, vocabulary 256, 10,000 active keys, tokens
+spread at random over the keys, micro-batches of 1,024 tokens, CPU.
+
+* engine  — ``Engine.process``: grouping, one indexed read of the states, one batched step,
+            one indexed write, top-5 next-token head, a prediction dict per token;
+* naive   — one event at a time: batch 1, states in a dict, the same head and dict;
+* ceiling — the same number of tokens through the same network (embedding, GRU, decoder,
+            softmax, top-5) as dense (1024, 1) batches, with no bookkeeping at all.
+
+Run: ``.venv/bin/python simulations/engine_bench.py [--tokens N] [--device cpu|cuda]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import torch
+
+from stream_rnn.engine.engine import Engine
+from stream_rnn.engine.events import TOKEN, Event
+from stream_rnn.model import ModelConfig, RecurrentModel
+from stream_rnn.registry.checkpoint import Manifest
+from stream_rnn.train.vocab import Vocab
+
+
+def build(
+    device: str, layers: int, hidden: int, vocab_size: int
+) -> tuple[RecurrentModel, Manifest]:
+    torch.manual_seed(0)
+    vocab = Vocab.from_tokens([f"t{i}" for i in range(vocab_size - 4)], "token")
+    cfg = ModelConfig(
+        task="next-token",
+        cell="gru",
+        vocab_size=len(vocab),
+        embed_dim=64,
+        hidden_size=hidden,
+        num_layers=layers,
+    )
+    model = RecurrentModel(cfg).to(device).eval()
+    manifest = Manifest(
+        model_config=cfg.to_dict(), vocab=vocab.to_dict(), weights_sha256="0", version="m-bench"
+    )
+    return model, manifest
+
+
+def run_engine(
+    model: RecurrentModel, manifest: Manifest, events: list[Event], batch: int, keys: int
+) -> float:
+    engine = Engine(model, manifest, capacity=keys)
+    engine.process(events[:batch])  # warm-up (allocations, first kernels)
+    started = time.perf_counter()
+    produced = 0
+    for i in range(0, len(events), batch):
+        produced += len(engine.process(events[i : i + batch]).predictions)
+    elapsed = time.perf_counter() - started
+    assert produced == len(events)
+    return len(events) / elapsed
+
+
+@torch.inference_mode()
+def run_naive(model: RecurrentModel, manifest: Manifest, events: list[Event]) -> float:
+    itos = manifest.vocab["itos"]
+    device = model.embedding.weight.device
+    states: dict[str, torch.Tensor] = {}
+    zero = model.init_state(1)
+    out_sink = []
+    started = time.perf_counter()
+    for ev in events:
+        state = states.get(ev.key, zero)
+        out, state = model.step(torch.tensor([[ev.token]], device=device), state)
+        states[ev.key] = state
+        values, ids = torch.softmax(out[0, 0], -1).topk(5)
+        out_sink.append(
+            {
+                "key": ev.key,
+                "id": ev.id,
+                "next": {"tokens": [itos[i] for i in ids.tolist()], "probs": values.tolist()},
+            }
+        )
+    return len(events) / (time.perf_counter() - started)
+
+
+@torch.inference_mode()
+def run_ceiling(model: RecurrentModel, n_tokens: int, batch: int) -> float:
+    device = model.embedding.weight.device
+    tokens = torch.randint(4, model.config.vocab_size, (batch, 1), device=device)
+    state = model.init_state(batch)
+    model.step(tokens, state)
+    started = time.perf_counter()
+    for _ in range(n_tokens // batch):
+        out, state = model.step(tokens, state)
+        values, ids = torch.softmax(out[:, 0], -1).topk(5)
+        ids.cpu(), values.cpu()
+    return (n_tokens // batch) * batch / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=200_000)
+    parser.add_argument("--naive-tokens", type=int, default=20_000)
+    parser.add_argument("--keys", type=int, default=10_000)
+    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--vocab", type=int, default=256)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeat", type=int, default=3, help="best of N for each measurement")
+    args = parser.parse_args()
+    model, manifest = build(args.device, args.layers, args.hidden, args.vocab)
+    rng = random.Random(0)  # noqa: S311 - benchmark data
+    keys = [f"user-{i}" for i in range(args.keys)]
+    events = [
+        Event(rng.choice(keys), TOKEN, token=rng.randrange(4, args.vocab), id=f"0:{i}")
+        for i in range(args.tokens)
+    ]
+    engine = max(
+        run_engine(model, manifest, events, args.batch, args.keys) for _ in range(args.repeat)
+    )
+    naive = max(run_naive(model, manifest, events[: args.naive_tokens]) for _ in range(args.repeat))
+    ceiling = max(run_ceiling(model, args.tokens, args.batch) for _ in range(args.repeat))
+    print(
+        f"GRU {args.layers}x{args.hidden}, vocab {args.vocab}, {args.keys} keys, micro-batch "
+        f"{args.batch}, {args.device}, torch threads {torch.get_num_threads()}"
+    )
+    print(f"{'path':<9} {'tokens/s':>12} {'vs naive':>9} {'vs ceiling':>11}")
+    for name, rate in (("naive", naive), ("engine", engine), ("ceiling", ceiling)):
+        print(f"{name:<9} {rate:>12,.0f} {rate / naive:>8.1f}x {rate / ceiling:>10.2f}x")
+    print(
+        f"targets: engine >= 25x naive ({engine / naive:.1f}x), >= 0.5x ceiling ({engine / ceiling:.2f}x)"
+    )
+
+
+if __name__ == "__main__":
+    main()

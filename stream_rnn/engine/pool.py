@@ -1,0 +1,200 @@
+"""The state pool: every active key's recurrent state as device tensors, indexed by slot.
+
+``h`` (and ``c`` for LSTM) is one ``(num_layers, capacity, hidden)`` tensor, so a micro-batch
+reads its keys' states with one ``index_select`` and writes them back with one indexed
+assignment. A key→slot dict and an LRU order make admission, TTL expiry and capacity eviction
+O(1) per key. Evicted states go to a :class:`~stream_rnn.engine.store.StateStore` and come
+back bit for bit when their key returns (in float32 storage; float16/bfloat16 storage halves
+memory at the price of rounding).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from stream_rnn.engine.exceptions import PoolError
+from stream_rnn.engine.store import MemoryStateStore, StateStore, StoredState
+from stream_rnn.model.config import ModelConfig
+from stream_rnn.model.network import State
+
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class StatePool:
+    """Bounded pool of per-key states with LRU eviction, TTL expiry and exact restore.
+
+    Example::
+
+        pool = StatePool(cfg, capacity=10_000, ttl_s=3600)
+        slots = pool.lookup(["user-1", "user-2"])
+        state = pool.gather(slots)          # (L, 2, H) float32
+        pool.scatter(slots, new_state)
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        capacity: int,
+        *,
+        device: str | torch.device = "cpu",
+        storage: str = "float32",
+        ttl_s: float | None = None,
+        store: StateStore | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if capacity < 1:
+            raise PoolError(f"pool capacity must be >= 1 key, got {capacity}")
+        if storage not in STORAGE_DTYPES:
+            raise PoolError(
+                f"state storage {storage!r} is unknown; use {', '.join(STORAGE_DTYPES)}"
+            )
+        if ttl_s is not None and ttl_s <= 0:
+            raise PoolError(f"state TTL must be > 0 seconds (or None for no expiry), got {ttl_s}")
+        self.config = config
+        self.capacity = capacity
+        self.device = torch.device(device)
+        self.dtype = STORAGE_DTYPES[storage]
+        self.ttl_s = ttl_s
+        self.store: StateStore = store if store is not None else MemoryStateStore()
+        self.clock = clock
+        shape = (config.num_layers, capacity, config.hidden_size)
+        self.h = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self.c = torch.zeros_like(self.h) if config.is_lstm else None
+        self.seq = torch.zeros(capacity, dtype=torch.long)
+        self.pos = torch.zeros(capacity, dtype=torch.long)
+        self.slot_of: dict[str, int] = {}
+        self._lru: OrderedDict[str, float] = OrderedDict()  # least recently used first
+        self._free = list(range(capacity - 1, -1, -1))
+        self.evictions = 0
+        self.expirations = 0
+        self.restores = 0
+
+    # ------------------------------------------------------------------ membership
+    def __len__(self) -> int:
+        return len(self.slot_of)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.slot_of
+
+    def known(self, key: str) -> bool:
+        """Whether the key has a state, in the pool or in the store."""
+        return key in self.slot_of or key in self.store
+
+    @property
+    def nbytes(self) -> int:
+        per = self.h.numel() * self.h.element_size()
+        return per * (2 if self.c is not None else 1)
+
+    # ------------------------------------------------------------------ slots
+    def lookup(self, keys: Sequence[str]) -> Tensor:
+        """Slots (CPU int64) for distinct ``keys``, admitting (restoring) absent ones.
+
+        All ``keys`` are resident when this returns, so ``len(keys)`` must not exceed the
+        capacity (the engine splits larger micro-batches).
+        """
+        if len(keys) > self.capacity:
+            raise PoolError(
+                f"{len(keys)} distinct keys in one step exceed the pool capacity {self.capacity}; "
+                "raise the capacity or lower the micro-batch size"
+            )
+        now = self.clock()
+        lru, slot_of = self._lru, self.slot_of
+        slots = []
+        for key in keys:
+            slot = slot_of.get(key)
+            if slot is None:
+                slot = self._admit(key)
+            else:
+                lru.move_to_end(key)
+            lru[key] = now
+            slots.append(slot)
+        return torch.tensor(slots, dtype=torch.long)
+
+    def _admit(self, key: str) -> int:
+        if not self._free:
+            victim = next(iter(self._lru))
+            self.evict(victim)
+            self.evictions += 1
+        slot = self._free.pop()
+        saved = self.store.pop(key)
+        if saved is None:
+            self.h[:, slot] = 0
+            if self.c is not None:
+                self.c[:, slot] = 0
+            self.seq[slot] = 0
+            self.pos[slot] = 0
+        else:
+            self.h[:, slot] = saved.h.to(self.device, self.dtype)
+            if self.c is not None and saved.c is not None:
+                self.c[:, slot] = saved.c.to(self.device, self.dtype)
+            self.seq[slot] = saved.seq
+            self.pos[slot] = saved.pos
+            self.restores += 1
+        self.slot_of[key] = slot
+        return slot
+
+    def snapshot(self, key: str) -> StoredState:
+        """A CPU copy of a resident key's state and counters."""
+        slot = self.slot_of[key]
+        return StoredState(
+            h=self.h[:, slot].to("cpu", copy=True),
+            c=self.c[:, slot].to("cpu", copy=True) if self.c is not None else None,
+            seq=int(self.seq[slot]),
+            pos=int(self.pos[slot]),
+        )
+
+    def evict(self, key: str) -> None:
+        """Move a resident key's state to the store and free its slot."""
+        self.store.put(key, self.snapshot(key))
+        slot = self.slot_of.pop(key)
+        del self._lru[key]
+        self._free.append(slot)
+
+    def expire(self, now: float | None = None) -> int:
+        """Evict keys idle for longer than the TTL; returns how many."""
+        if self.ttl_s is None:
+            return 0
+        limit = (self.clock() if now is None else now) - self.ttl_s
+        count = 0
+        while self._lru:
+            key, last = next(iter(self._lru.items()))
+            if last > limit:
+                break
+            self.evict(key)
+            count += 1
+        self.expirations += count
+        return count
+
+    # ------------------------------------------------------------------ tensors
+    def gather(self, slots: Tensor) -> State:
+        """States of ``slots`` as float32 ``(L, B, H)`` (``(h, c)`` for LSTM), one indexed read."""
+        idx = slots.to(self.device)
+        h = self.h.index_select(1, idx).float()
+        if self.c is None:
+            return h
+        return h, self.c.index_select(1, idx).float()
+
+    def scatter(self, slots: Tensor, state: State) -> None:
+        """Write states back to ``slots``, one indexed write."""
+        idx = slots.to(self.device)
+        if isinstance(state, tuple):
+            if self.c is None:
+                raise PoolError("an (h, c) LSTM state was written to a non-LSTM pool")
+            self.h[:, idx] = state[0].to(self.dtype)
+            self.c[:, idx] = state[1].to(self.dtype)
+        else:
+            self.h[:, idx] = state.to(self.dtype)
+
+    def clear(self, slots: Tensor) -> None:
+        """Start a new sequence for these keys: zero state, ``pos`` 0, ``seq`` + 1."""
+        idx = slots.to(self.device)
+        self.h[:, idx] = 0
+        if self.c is not None:
+            self.c[:, idx] = 0
+        self.pos[slots] = 0
+        self.seq[slots] += 1

@@ -1,0 +1,256 @@
+"""The engine keeps streaming == offline under any interleaving, batching and eviction."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stream_rnn.engine.engine import Engine
+from stream_rnn.engine.events import END, GENERATE, RESET, TOKEN, Event, GenerateParams
+from stream_rnn.engine.simulate import simulate
+from stream_rnn.model import ModelConfig, RecurrentModel, generate
+from stream_rnn.predict.offline import score_records
+from stream_rnn.registry.checkpoint import Manifest
+from stream_rnn.train.data import Record
+from stream_rnn.train.synthetic import generate_split
+from stream_rnn.train.vocab import LabelSet, Vocab
+
+TOL = 1e-5
+VOCAB = Vocab.from_tokens([f"t{i}" for i in range(12)], "token")
+
+
+def _engine(
+    cell: str = "gru", task: str = "next-token", layers: int = 2, labels=None, **kw
+) -> Engine:
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        task=task,
+        cell=cell,
+        vocab_size=len(VOCAB),
+        embed_dim=5,
+        hidden_size=7,
+        num_layers=layers,
+        num_labels=len(labels) if labels else 0,
+    )
+    model = RecurrentModel(cfg).eval()
+    manifest = Manifest(
+        model_config=cfg.to_dict(),
+        vocab=VOCAB.to_dict(),
+        weights_sha256="0" * 64,
+        version="m-test",
+        labels=labels,
+    )
+    return Engine(model, manifest, **kw)
+
+
+def _offline(engine: Engine, tokens: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        logits, _ = engine.model(torch.tensor([tokens]))
+    return torch.softmax(logits[0], -1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    cell=st.sampled_from(["rnn_tanh", "rnn_relu", "lstm", "gru"]),
+    layers=st.integers(1, 3),
+    n_keys=st.integers(1, 8),
+    capacity=st.integers(1, 9),
+    seed=st.integers(0, 10**6),
+)
+def test_any_interleaving_batching_and_eviction_equals_offline(
+    cell, layers, n_keys, capacity, seed
+):
+    rng = random.Random(seed)
+    engine = _engine(cell, layers=layers, capacity=capacity)
+    seqs = {
+        f"k{i}": [rng.randrange(4, 12) for _ in range(rng.randint(1, 9))] for i in range(n_keys)
+    }
+    streams = {k: list(v) for k, v in seqs.items()}
+    events: list[Event] = []
+    while streams:
+        key = rng.choice(sorted(streams))
+        events.append(Event(key, TOKEN, token=streams[key].pop(0), id=f"0:{len(events)}"))
+        if not streams[key]:
+            del streams[key]
+    preds = []
+    i = 0
+    while i < len(events):
+        size = rng.randint(1, 12)
+        result = engine.process(events[i : i + size])
+        assert not result.rejections
+        preds.extend(result.predictions)
+        i += size
+    assert len(preds) == len(events)
+    by_key: dict[str, list[dict]] = {}
+    for p in preds:
+        by_key.setdefault(p["key"], []).append(p)
+    for key, tokens in seqs.items():
+        got = sorted(by_key[key], key=lambda p: p["pos"])
+        assert [p["pos"] for p in got] == list(range(len(tokens)))
+        probs = _offline(engine, tokens)
+        for p, row in zip(got, probs, strict=True):
+            top = row.topk(5)
+            assert p["next"]["tokens"] == VOCAB.decode(top.indices.tolist())
+            assert (
+                max(
+                    abs(a - b) for a, b in zip(p["next"]["probs"], top.values.tolist(), strict=True)
+                )
+                <= TOL
+            )
+        # final state equals the full pass's final state
+        with torch.no_grad():
+            _, h_n = engine.model(torch.tensor([tokens]))
+        state = engine.pool.gather(engine.pool.lookup([key]))
+        h = state[0] if isinstance(state, tuple) else state
+        ref = h_n[0] if isinstance(h_n, tuple) else h_n
+        assert (h - ref).abs().max() <= TOL
+
+
+def test_controls_within_one_batch_keep_per_key_order() -> None:
+    engine = _engine("lstm")
+    events = [
+        Event("a", TOKEN, token=5, id="0:0"),
+        Event("a", TOKEN, token=6, id="0:1"),
+        Event("a", END, id="0:2"),
+        Event("a", TOKEN, token=7, id="0:3"),  # a new sequence of the same key
+        Event("b", TOKEN, token=8, id="0:4"),
+        Event("b", RESET, id="0:5"),
+        Event("b", TOKEN, token=9, id="0:6"),
+    ]
+    result = engine.process(events)
+    assert not result.rejections
+    by_id = {(p["id"], p["type"]): p for p in result.predictions}
+    assert by_id[("0:2", "end")]["n_tokens"] == 2 and by_id[("0:2", "end")]["seq"] == 0
+    second = by_id[("0:3", "next")]
+    assert second["seq"] == 1 and second["pos"] == 0
+    fresh = _offline(engine, [7])[0].topk(5)
+    assert second["next"]["probs"] == pytest.approx(fresh.values.tolist(), abs=TOL)
+    assert by_id[("0:5", "reset")]["seq"] == 0 and by_id[("0:6", "next")]["seq"] == 1
+
+
+def test_unknown_keys_and_bad_controls_are_rejected_not_raised() -> None:
+    engine = _engine(labels=None)
+    result = engine.process([Event("ghost", END, id="0:0"), Event("ghost", RESET, id="0:1")])
+    assert [r.reason for r in result.rejections] == ["unknown_key", "unknown_key"]
+    assert "no state" in result.rejections[0].detail
+    engine.process([Event("k", TOKEN, token=5), Event("k", END)])
+    again = engine.process([Event("k", END, id="0:9")])
+    assert (
+        again.rejections[0].reason == "unknown_key"
+        and "no open sequence" in again.rejections[0].detail
+    )
+    classifier = _engine(task="classify", labels=["x", "y"])
+    classifier.process([Event("k", TOKEN, token=5)])
+    bad = classifier.process([Event("k", GENERATE, gen=GenerateParams(n=3))])
+    assert (
+        bad.rejections[0].reason == "bad_value" and "next-token model" in bad.rejections[0].detail
+    )
+
+
+def test_generate_continues_from_the_key_state_without_changing_it() -> None:
+    engine = _engine("gru")
+    engine.process([Event("k", TOKEN, token=t) for t in (5, 6, 7)])
+    before = engine.pool.gather(engine.pool.lookup(["k"])).clone()
+    result = engine.process(
+        [Event("k", GENERATE, id="0:3", gen=GenerateParams(n=6, seed=4, temperature=0.9))]
+    )
+    (pred,) = result.predictions
+    expected = generate(engine.model, [5, 6, 7], 6, seed=4, temperature=0.9)
+    assert pred["type"] == "generated" and pred["tokens"] == VOCAB.decode(expected)
+    assert torch.equal(engine.pool.gather(engine.pool.lookup(["k"])), before)
+
+
+def test_classifier_end_label_and_running_estimate_match_offline() -> None:
+    engine = _engine("lstm", task="classify", labels=["x", "y", "z"], running_estimate=True)
+    tokens = [5, 9, 4, 11]
+    result = engine.process(
+        [Event("k", TOKEN, token=t, id=f"0:{i}") for i, t in enumerate(tokens)]
+        + [Event("k", END, id="0:4")]
+    )
+    estimates = [p for p in result.predictions if p["type"] == "estimate"]
+    (label,) = [p for p in result.predictions if p["type"] == "label"]
+    with torch.no_grad():
+        offline = torch.softmax(engine.model.classify(torch.tensor([tokens]))[0], -1).tolist()
+    assert len(estimates) == 4
+    assert list(estimates[-1]["probs"].values()) == pytest.approx(offline, abs=TOL)
+    assert list(label["probs"].values()) == pytest.approx(offline, abs=TOL)
+
+
+def test_more_distinct_keys_than_capacity_in_one_batch() -> None:
+    engine = _engine("gru", capacity=3)
+    events = [Event(f"k{i}", TOKEN, token=4 + i % 8, id=f"0:{i}") for i in range(10)] * 2
+    result = engine.process(events)
+    assert len(result.predictions) == 20 and engine.pool.evictions >= 7
+
+
+def test_bidirectional_models_are_refused() -> None:
+    from stream_rnn.model import StreamingNotSupportedError
+
+    cfg = ModelConfig(
+        task="classify", cell="gru", vocab_size=len(VOCAB), num_labels=2, bidirectional=True
+    )
+    manifest = Manifest(
+        model_config=cfg.to_dict(),
+        vocab=VOCAB.to_dict(),
+        weights_sha256="0",
+        version="v",
+        labels=["a", "b"],
+    )
+    with pytest.raises(StreamingNotSupportedError, match="future tokens"):
+        Engine(RecurrentModel(cfg), manifest)
+
+
+@pytest.mark.parametrize("task", ["next-token", "classify", "tag", "seq2seq"])
+def test_simulate_agrees_with_offline_score(task: str) -> None:
+    split = generate_split(task, 0, 0, 25, seed=2)
+    records: list[Record] = (
+        split.test + split.test[:3]
+    )  # repeated keys: sequences one after another
+    items = [r.items("char") for r in records] + [
+        r.target_items("char") for r in records if r.target
+    ]
+    vocab = Vocab.build(items, "char")
+    labels = None
+    if task == "classify":
+        labels = LabelSet.build(str(r.label) for r in records).labels
+    elif task == "tag":
+        labels = LabelSet.build(t for r in records for t in r.tags or []).labels
+    torch.manual_seed(1)
+    cfg = ModelConfig(
+        task=task,
+        cell="gru",
+        vocab_size=len(vocab),
+        embed_dim=8,
+        hidden_size=16,
+        num_labels=len(labels) if labels else 0,
+    )
+    model = RecurrentModel(cfg).eval()
+    manifest = Manifest(
+        model_config=cfg.to_dict(),
+        vocab=vocab.to_dict(),
+        weights_sha256="0",
+        version="m-sim",
+        labels=list(labels) if labels else None,
+    )
+    engine = Engine(model, manifest, capacity=7)
+    simulated = simulate(engine, records, batch=16, seed=3)
+    offline = list(score_records(model, manifest, records))
+    assert len(simulated) == len(offline)
+    for a, b in zip(simulated, offline, strict=True):
+        assert a["key"] == b["key"] and a["model_version"] == b["model_version"]
+        if task == "next-token":
+            for x, y in zip(a["next"], b["next"], strict=True):
+                assert x["tokens"] == y["tokens"]
+                assert x["probs"] == pytest.approx(y["probs"], abs=TOL)
+        elif task == "classify":
+            assert a["label"] == b["label"]
+            assert list(a["probs"].values()) == pytest.approx(list(b["probs"].values()), abs=TOL)
+        elif task == "tag":
+            assert a["tags"] == b["tags"]
+            assert a["tag_probs"] == pytest.approx(b["tag_probs"], abs=TOL)
+        else:
+            assert a["output"] == b["output"]
