@@ -19,7 +19,7 @@ from stream_rnn.engine.events import END, GENERATE, RESET, TOKEN, BatchResult, E
 from stream_rnn.engine.heads import Heads
 from stream_rnn.engine.pool import StatePool
 from stream_rnn.model.generate import continue_from, translate
-from stream_rnn.model.network import RecurrentModel
+from stream_rnn.model.network import RecurrentModel, exact_float32
 from stream_rnn.registry.checkpoint import Manifest
 from stream_rnn.train.vocab import LabelSet, Vocab
 
@@ -54,6 +54,8 @@ class Engine:
         self.vocab = Vocab.from_dict(manifest.vocab)
         self.labels = LabelSet.from_dict({"labels": manifest.labels or []})
         self.device = model.embedding.weight.device
+        if self.device.type == "cuda":
+            exact_float32()
         self.pool = pool or StatePool(
             model.config, capacity, device=self.device, storage=storage, ttl_s=ttl_s
         )

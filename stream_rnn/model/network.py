@@ -239,6 +239,16 @@ class RecurrentModel(nn.Module):
         return self.decoder(h[-1])
 
 
+def exact_float32() -> None:
+    """Turn off TF32 on CUDA (matmul and cuDNN RNNs).
+
+    TF32 rounds inputs to 10 mantissa bits; it would break the 1e-5 streaming == offline
+    contract on Ampere+ GPUs. The engine calls this when it runs on CUDA.
+    """
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
 def state_batch(state: State) -> int:
     """Number of keys in a state."""
     return (state[0] if isinstance(state, tuple) else state).shape[1]

@@ -125,6 +125,13 @@ def _device_option(f: Any) -> Any:
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
+    "--vocab",
+    "vocab_file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="given vocabulary: JSON list of tokens, a saved vocab object, or one token per line",
+)
+@click.option(
     "--init",
     "init_dir",
     type=click.Path(exists=True, file_okay=False),
@@ -164,6 +171,11 @@ def train_cmd(**kw: Any) -> None:
     train_records = read_records(str(kw["data"]))
     valid_records = read_records(str(kw["valid"]))
     init = load_checkpoint(str(kw["init_dir"])) if kw["init_dir"] else None
+    vocab = None
+    if kw["vocab_file"]:
+        from stream_rnn.train.vocab import Vocab
+
+        vocab = Vocab.from_file(str(kw["vocab_file"]), cfg.level)
     console.print(
         f"training {cfg.task} {cfg.cell} {cfg.layers}x{cfg.hidden} on {len(train_records)} "
         f"sequences (valid {len(valid_records)}), device {cfg.device}"
@@ -172,7 +184,13 @@ def train_cmd(**kw: Any) -> None:
     progress = RichTrainProgress(console, cfg.epochs, steps)
     try:
         result = train(
-            cfg, train_records, valid_records, str(kw["out_dir"]), init=init, callbacks=[progress]
+            cfg,
+            train_records,
+            valid_records,
+            str(kw["out_dir"]),
+            init=init,
+            vocab=vocab,
+            callbacks=[progress],
         )
     finally:
         progress.close()

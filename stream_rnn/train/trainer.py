@@ -154,12 +154,14 @@ def train(
     out_dir: str | Path,
     *,
     init: tuple[RecurrentModel, Manifest] | None = None,
+    vocab: Vocab | None = None,
     callbacks: Sequence[Callback] = (),
 ) -> TrainResult:
     """Train a model and keep the best checkpoint (by validation ``cfg.monitor``) in ``out_dir``.
 
     ``init`` continues from a loaded checkpoint: its config, vocabulary and labels are kept and
-    the new checkpoint records it as ``parent_version``.
+    the new checkpoint records it as ``parent_version``. ``vocab`` fixes the vocabulary (token
+    ids as given) instead of building one from the training data.
 
     Example::
 
@@ -185,7 +187,14 @@ def train(
             raise TrainError(f"--init model is a {model.config.task!r} model, not {cfg.task!r}")
         parent_version: str | None = parent.version
     else:
-        vocab, labels = build_vocab(cfg, train_records)
+        built, labels = build_vocab(cfg, train_records)
+        if vocab is None:
+            vocab = built
+        elif vocab.level != cfg.level:
+            raise TrainError(
+                f"the given vocabulary splits text by {vocab.level!r} but --level is "
+                f"{cfg.level!r}; pass --level {vocab.level}"
+            )
         mcfg = ModelConfig(
             task=cfg.task,
             cell=cfg.cell,
