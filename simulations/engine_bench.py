@@ -4,8 +4,9 @@ Setup (issue 3, section 6): GRU 2 layers x 128, vocabulary 256, 10,000 active ke
 spread at random over the keys, micro-batches of 1,024 tokens, CPU.
 
 * engine  — ``Engine.process``: grouping, one indexed read of the states, one batched step,
-            one indexed write, top-5 next-token head, a prediction dict per token;
-* naive   — one event at a time: batch 1, states in a dict, the same head and dict;
+            one indexed write, top-5 next-token head (tensors; turning them into wire dicts and
+            JSON is the worker's encoding step, measured end to end through the broker);
+* naive   — one event at a time: batch 1, states in a dict, the same top-5 head;
 * ceiling — the same number of tokens through the same network (embedding, GRU, decoder,
             softmax, top-5) as dense (1024, 1) batches, with no bookkeeping at all.
 
@@ -55,7 +56,7 @@ def run_engine(
     started = time.perf_counter()
     produced = 0
     for i in range(0, len(events), batch):
-        produced += len(engine.process(events[i : i + batch]).predictions)
+        produced += engine.process(events[i : i + batch]).count
     elapsed = time.perf_counter() - started
     assert produced == len(events)
     return len(events) / elapsed
@@ -63,7 +64,6 @@ def run_engine(
 
 @torch.inference_mode()
 def run_naive(model: RecurrentModel, manifest: Manifest, events: list[Event]) -> float:
-    itos = manifest.vocab["itos"]
     device = model.embedding.weight.device
     states: dict[str, torch.Tensor] = {}
     zero = model.init_state(1)
@@ -74,13 +74,7 @@ def run_naive(model: RecurrentModel, manifest: Manifest, events: list[Event]) ->
         out, state = model.step(torch.tensor([[ev.token]], device=device), state)
         states[ev.key] = state
         values, ids = torch.softmax(out[0, 0], -1).topk(5)
-        out_sink.append(
-            {
-                "key": ev.key,
-                "id": ev.id,
-                "next": {"tokens": [itos[i] for i in ids.tolist()], "probs": values.tolist()},
-            }
-        )
+        out_sink.append((ev, values, ids))
     return len(events) / (time.perf_counter() - started)
 
 

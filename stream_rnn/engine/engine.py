@@ -136,13 +136,18 @@ class Engine:
             lengths = counts
         slots = self.pool.lookup(keys)
         state = self.pool.gather(slots)
-        out, new_state = self.model.step(grid.to(self.device), state, lengths)
+        feats, new_state = self.model.step_features(grid.to(self.device), state, lengths)
         self.pool.scatter(slots, new_state)
         pos = self.pool.pos[slots][inv] + rank
         seq = self.pool.seq[slots][inv]
         self.pool.pos[slots] += counts
-        per_event = out[inv.to(self.device), rank.to(self.device)]
-        self.heads.token_predictions(events, per_event, pos, seq, self.version, result.predictions)
+        # decoder only on the N real positions, not on the (keys x width) padded grid
+        per_event = feats[inv.to(self.device), rank.to(self.device)]
+        if self.model.encoder is None:
+            per_event = self.model.decoder(per_event)
+        block = self.heads.token_block(events, per_event, pos, seq, self.version)
+        if block is not None:
+            result.items.append(block)
         result.tokens += n
 
     # ------------------------------------------------------------------ controls
@@ -170,7 +175,7 @@ class Engine:
             }
             if ev.kind == RESET:
                 self.pool.clear(slots)
-                result.predictions.append({**base, "type": "reset"})
+                result.items.append({**base, "type": "reset"})
             elif ev.kind == END:
                 n_tokens = int(self.pool.pos[slot])
                 if n_tokens == 0:
@@ -185,13 +190,13 @@ class Engine:
                     continue
                 payload = self._end_payload(slots, n_tokens)
                 self.pool.clear(slots)
-                result.predictions.append({**base, **payload})
+                result.items.append({**base, **payload})
             elif ev.kind == GENERATE:
                 payload_or_error = self._generate(ev, slots)
                 if isinstance(payload_or_error, str):
                     result.rejections.append(Rejection(ev, "bad_value", payload_or_error))
                 else:
-                    result.predictions.append({**base, **payload_or_error})
+                    result.items.append({**base, **payload_or_error})
 
     def _end_payload(self, slots: Tensor, n_tokens: int) -> dict[str, Any]:
         task = self.model.config.task

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 TOKEN, END, RESET, GENERATE = 0, 1, 2, 3
 KIND_NAMES = {TOKEN: "token", END: "end", RESET: "reset", GENERATE: "generate"}
@@ -46,10 +46,42 @@ class Rejection:
     detail: str
 
 
+class TokenBlock(Protocol):
+    """Per-token outputs of one batched step, kept as tensors until someone reads them."""
+
+    count: int
+
+    def to_dicts(self) -> list[dict[str, Any]]: ...
+
+
 @dataclass(slots=True)
 class BatchResult:
-    """Predictions (dicts in the wire format, minus emit-time fields) and rejections."""
+    """Predictions of a micro-batch, in emission order, and the events it refused.
 
-    predictions: list[dict[str, Any]] = field(default_factory=list)
+    Token outputs stay columnar (tensors) in ``items`` until :attr:`predictions` is read, so
+    the engine's hot path never builds per-token Python objects; control outputs are dicts.
+    Prediction dicts have the wire fields except the emit-time ones; ``_ts`` carries the
+    source event's producer timestamp for latency.
+    """
+
+    items: list[TokenBlock | dict[str, Any]] = field(default_factory=list)
     rejections: list[Rejection] = field(default_factory=list)
     tokens: int = 0
+    _predictions: list[dict[str, Any]] | None = None
+
+    @property
+    def count(self) -> int:
+        """Number of predictions, without materialising them."""
+        return sum(1 if isinstance(i, dict) else i.count for i in self.items)
+
+    @property
+    def predictions(self) -> list[dict[str, Any]]:
+        if self._predictions is None:
+            out: list[dict[str, Any]] = []
+            for item in self.items:
+                if isinstance(item, dict):
+                    out.append(item)
+                else:
+                    out.extend(item.to_dicts())
+            self._predictions = out
+        return self._predictions

@@ -29,73 +29,21 @@ class Heads:
         self.top_k = top_k
         self.running_estimate = running_estimate
 
-    def token_predictions(
-        self,
-        events: list[Event],
-        out: Tensor,
-        pos: Tensor,
-        seq: Tensor,
-        version: str,
-        sink: list[dict[str, Any]],
-    ) -> None:
+    def token_block(
+        self, events: list[Event], out: Tensor, pos: Tensor, seq: Tensor, version: str
+    ) -> _Block | None:
+        """Per-token outputs of one step as a columnar block (None when the task has none)."""
         task = self.task
         if task == "seq2seq" or (task == "classify" and not self.running_estimate):
-            return
+            return None
         probs = torch.softmax(out.float(), dim=-1)
-        pos_l, seq_l = pos.tolist(), seq.tolist()
         if task == "next-token":
             values, ids = probs.topk(min(self.top_k, probs.shape[-1]), dim=-1)
-            itos = self.itos
-            for ev, p, s, row_ids, row_vals in zip(
-                events, pos_l, seq_l, ids.tolist(), values.tolist(), strict=True
-            ):
-                sink.append(
-                    {
-                        "key": ev.key,
-                        "id": ev.id,
-                        "seq": s,
-                        "pos": p,
-                        "model_version": version,
-                        "type": "next",
-                        "next": {"tokens": [itos[i] for i in row_ids], "probs": row_vals},
-                        "_ts": ev.ts,
-                    }
-                )
-        elif task == "tag":
+            return _Block(self, "next", events, pos, seq, version, values.cpu(), ids.cpu())
+        if task == "tag":
             values, ids = probs.max(dim=-1)
-            labels = self.labels
-            for ev, p, s, i, v in zip(
-                events, pos_l, seq_l, ids.tolist(), values.tolist(), strict=True
-            ):
-                sink.append(
-                    {
-                        "key": ev.key,
-                        "id": ev.id,
-                        "seq": s,
-                        "pos": p,
-                        "model_version": version,
-                        "type": "tag",
-                        "tag": labels[i],
-                        "prob": v,
-                        "_ts": ev.ts,
-                    }
-                )
-        else:
-            for ev, p, s, row in zip(events, pos_l, seq_l, probs.tolist(), strict=True):
-                best = max(range(len(row)), key=row.__getitem__)
-                sink.append(
-                    {
-                        "key": ev.key,
-                        "id": ev.id,
-                        "seq": s,
-                        "pos": p,
-                        "model_version": version,
-                        "type": "estimate",
-                        "label": self.labels[best],
-                        "probs": dict(zip(self.labels, row, strict=True)),
-                        "_ts": ev.ts,
-                    }
-                )
+            return _Block(self, "tag", events, pos, seq, version, values.cpu(), ids.cpu())
+        return _Block(self, "estimate", events, pos, seq, version, probs.cpu(), None)
 
     def label(self, logits: Tensor) -> dict[str, Any]:
         probs = torch.softmax(logits.float(), dim=-1).tolist()
@@ -105,3 +53,53 @@ class Heads:
             "label": self.labels[best],
             "probs": dict(zip(self.labels, probs, strict=True)),
         }
+
+
+class _Block:
+    """Columnar per-token predictions; :meth:`to_dicts` builds the wire-format dicts."""
+
+    __slots__ = ("heads", "kind", "events", "pos", "seq", "version", "values", "ids", "count")
+
+    def __init__(
+        self,
+        heads: Heads,
+        kind: str,
+        events: list[Event],
+        pos: Tensor,
+        seq: Tensor,
+        version: str,
+        values: Tensor,
+        ids: Tensor | None,
+    ) -> None:
+        self.heads, self.kind, self.events = heads, kind, events
+        self.pos, self.seq, self.version = pos, seq, version
+        self.values, self.ids = values, ids
+        self.count = len(events)
+
+    def to_dicts(self) -> list[dict[str, Any]]:
+        kind, version = self.kind, self.version
+        rows: list[dict[str, Any]] = []
+        pos_l, seq_l, values = self.pos.tolist(), self.seq.tolist(), self.values.tolist()
+        ids = self.ids.tolist() if self.ids is not None else [None] * self.count
+        itos, labels = self.heads.itos, self.heads.labels
+        for ev, p, s, v, i in zip(self.events, pos_l, seq_l, values, ids, strict=True):
+            row: dict[str, Any] = {
+                "key": ev.key,
+                "id": ev.id,
+                "seq": s,
+                "pos": p,
+                "model_version": version,
+                "type": kind,
+                "_ts": ev.ts,
+            }
+            if kind == "next":
+                row["next"] = {"tokens": [itos[t] for t in i], "probs": v}
+            elif kind == "tag":
+                row["tag"] = labels[i]
+                row["prob"] = v
+            else:
+                best = max(range(len(v)), key=v.__getitem__)
+                row["label"] = labels[best]
+                row["probs"] = dict(zip(labels, v, strict=True))
+            rows.append(row)
+        return rows

@@ -11,7 +11,6 @@ memory at the price of rounding).
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import torch
@@ -68,7 +67,13 @@ class StatePool:
         self.seq = torch.zeros(capacity, dtype=torch.long)
         self.pos = torch.zeros(capacity, dtype=torch.long)
         self.slot_of: dict[str, int] = {}
-        self._lru: OrderedDict[str, float] = OrderedDict()  # least recently used first
+        self.key_at: list[str | None] = [None] * capacity
+        # LRU order and idle time per slot as tensors: touching a batch of keys is one indexed
+        # write instead of a Python call per key; victims are found with one topk when needed.
+        self._tick = 0
+        self.last_tick = torch.zeros(capacity, dtype=torch.long)
+        self.last_time = torch.zeros(capacity, dtype=torch.float64)
+        self.occupied = torch.zeros(capacity, dtype=torch.bool)
         self._free = list(range(capacity - 1, -1, -1))
         self.evictions = 0
         self.expirations = 0
@@ -102,24 +107,35 @@ class StatePool:
                 f"{len(keys)} distinct keys in one step exceed the pool capacity {self.capacity}; "
                 "raise the capacity or lower the micro-batch size"
             )
-        now = self.clock()
-        lru, slot_of = self._lru, self.slot_of
-        slots = []
-        for key in keys:
-            slot = slot_of.get(key)
-            if slot is None:
-                slot = self._admit(key)
-            else:
-                lru.move_to_end(key)
-            lru[key] = now
-            slots.append(slot)
-        return torch.tensor(slots, dtype=torch.long)
+        self._tick += 1
+        get = self.slot_of.get
+        slots = [get(key, -1) for key in keys]
+        if -1 in slots:
+            missing = [i for i, slot in enumerate(slots) if slot < 0]
+            hits = torch.tensor([s for s in slots if s >= 0], dtype=torch.long)
+            # pin the keys already resident so making room never evicts one of them
+            self.last_tick[hits] = self._tick
+            shortfall = len(missing) - len(self._free)
+            if shortfall > 0:
+                self._evict_lru(shortfall)
+            for i in missing:
+                slots[i] = self._admit(keys[i])
+        idx = torch.tensor(slots, dtype=torch.long)
+        self.last_tick[idx] = self._tick
+        self.last_time[idx] = self.clock()
+        return idx
+
+    def _evict_lru(self, count: int) -> None:
+        ticks = self.last_tick.masked_fill(~self.occupied, torch.iinfo(torch.long).max)
+        victims = torch.topk(ticks, count, largest=False).indices.tolist()
+        for slot in victims:
+            key = self.key_at[slot]
+            if key is None or int(self.last_tick[slot]) == self._tick:
+                raise PoolError("internal: tried to evict a key pinned by the current step")
+            self.evict(key)
+            self.evictions += 1
 
     def _admit(self, key: str) -> int:
-        if not self._free:
-            victim = next(iter(self._lru))
-            self.evict(victim)
-            self.evictions += 1
         slot = self._free.pop()
         saved = self.store.pop(key)
         if saved is None:
@@ -136,6 +152,9 @@ class StatePool:
             self.pos[slot] = saved.pos
             self.restores += 1
         self.slot_of[key] = slot
+        self.key_at[slot] = key
+        self.occupied[slot] = True
+        self.last_tick[slot] = self._tick
         return slot
 
     def snapshot(self, key: str) -> StoredState:
@@ -152,7 +171,8 @@ class StatePool:
         """Move a resident key's state to the store and free its slot."""
         self.store.put(key, self.snapshot(key))
         slot = self.slot_of.pop(key)
-        del self._lru[key]
+        self.key_at[slot] = None
+        self.occupied[slot] = False
         self._free.append(slot)
 
     def expire(self, now: float | None = None) -> int:
@@ -160,15 +180,13 @@ class StatePool:
         if self.ttl_s is None:
             return 0
         limit = (self.clock() if now is None else now) - self.ttl_s
-        count = 0
-        while self._lru:
-            key, last = next(iter(self._lru.items()))
-            if last > limit:
-                break
-            self.evict(key)
-            count += 1
-        self.expirations += count
-        return count
+        stale = (self.occupied & (self.last_time <= limit)).nonzero().flatten().tolist()
+        for slot in stale:
+            key = self.key_at[slot]
+            if key is not None:
+                self.evict(key)
+        self.expirations += len(stale)
+        return len(stale)
 
     # ------------------------------------------------------------------ tensors
     def gather(self, slots: Tensor) -> State:
