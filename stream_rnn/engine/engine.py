@@ -135,12 +135,27 @@ class Engine:
             grid[inv, rank] = tokens
             lengths = counts
         slots = self.pool.lookup(keys)
+        offsets: Tensor | None = None
+        if events[0].offset >= 0:
+            offsets = torch.tensor([e.offset for e in events], dtype=torch.long)
+            keep = (offsets < 0) | (offsets > self.pool.applied[slots][inv])
+            if not bool(keep.all()):
+                # redelivered after a restart: these tokens are already in their key's state
+                kept = [events[i] for i in keep.nonzero().flatten().tolist()]
+                result.skipped += n - len(kept)
+                if kept:
+                    index: dict[str, int] = {}
+                    regrouped = [index.setdefault(e.key, len(index)) for e in kept]
+                    self._step(kept, list(index), regrouped, result)
+                return
         state = self.pool.gather(slots)
         feats, new_state = self.model.step_features(grid.to(self.device), state, lengths)
         self.pool.scatter(slots, new_state)
         pos = self.pool.pos[slots][inv] + rank
         seq = self.pool.seq[slots][inv]
         self.pool.pos[slots] += counts
+        if offsets is not None:
+            self._mark_applied(slots, inv, offsets, [e.partition for e in events])
         # decoder only on the N real positions, not on the (keys x width) padded grid
         per_event = feats[inv.to(self.device), rank.to(self.device)]
         if self.model.encoder is None:
@@ -149,6 +164,18 @@ class Engine:
         if block is not None:
             result.items.append(block)
         result.tokens += n
+
+    def _mark_applied(
+        self, slots: Tensor, inv: Tensor, offsets: Tensor, partitions: list[int]
+    ) -> None:
+        pool = self.pool
+        last = torch.full((len(slots),), -1, dtype=torch.long).scatter_reduce(
+            0, inv, offsets, reduce="amax"
+        )
+        pool.applied[slots] = torch.maximum(pool.applied[slots], last)
+        part = torch.empty(len(slots), dtype=torch.long)
+        part[inv] = torch.tensor(partitions, dtype=torch.long)
+        pool.part[slots] = part
 
     # ------------------------------------------------------------------ controls
     def _controls(self, events: list[Event], result: BatchResult) -> None:
@@ -165,6 +192,17 @@ class Engine:
                 continue
             slots = self.pool.lookup([ev.key])
             slot = int(slots[0])
+            if ev.offset >= 0:
+                if ev.offset <= int(self.pool.applied[slot]):
+                    result.skipped += 1  # redelivered: already applied
+                    continue
+                self._mark_applied(
+                    slots,
+                    torch.zeros(1, dtype=torch.long),
+                    torch.tensor([ev.offset]),
+                    [ev.partition],
+                )
+                self.pool.dirty[slots] = True
             base = {
                 "key": ev.key,
                 "id": ev.id,

@@ -26,7 +26,8 @@ class Event:
 
     ``token`` is a vocabulary id (already resolved) for token events, -1 otherwise. ``id`` is
     the stable id of the source message (``partition:offset`` on Kafka) that every prediction
-    it causes carries.
+    it causes carries. ``offset`` >= 0 turns on exactly-once application: an event whose offset
+    is not above the key's last applied offset is a redelivery and is skipped.
     """
 
     key: str
@@ -35,6 +36,8 @@ class Event:
     id: str = ""
     ts: float | None = None
     gen: GenerateParams | None = None
+    partition: int = -1
+    offset: int = -1
 
 
 @dataclass(slots=True)
@@ -67,6 +70,7 @@ class BatchResult:
     items: list[TokenBlock | dict[str, Any]] = field(default_factory=list)
     rejections: list[Rejection] = field(default_factory=list)
     tokens: int = 0
+    skipped: int = 0  # redelivered events already applied to their key's state
     _predictions: list[dict[str, Any]] | None = None
 
     @property

@@ -66,6 +66,11 @@ class StatePool:
         self.c = torch.zeros_like(self.h) if config.is_lstm else None
         self.seq = torch.zeros(capacity, dtype=torch.long)
         self.pos = torch.zeros(capacity, dtype=torch.long)
+        # exactly-once bookkeeping: last applied source offset, source partition, and whether
+        # the state changed since the last checkpoint
+        self.applied = torch.full((capacity,), -1, dtype=torch.long)
+        self.part = torch.full((capacity,), -1, dtype=torch.long)
+        self.dirty = torch.zeros(capacity, dtype=torch.bool)
         self.slot_of: dict[str, int] = {}
         self.key_at: list[str | None] = [None] * capacity
         # LRU order and idle time per slot as tensors: touching a batch of keys is one indexed
@@ -144,13 +149,18 @@ class StatePool:
                 self.c[:, slot] = 0
             self.seq[slot] = 0
             self.pos[slot] = 0
+            self.applied[slot] = -1
+            self.part[slot] = -1
         else:
             self.h[:, slot] = saved.h.to(self.device, self.dtype)
             if self.c is not None and saved.c is not None:
                 self.c[:, slot] = saved.c.to(self.device, self.dtype)
             self.seq[slot] = saved.seq
             self.pos[slot] = saved.pos
+            self.applied[slot] = saved.offset
+            self.part[slot] = saved.partition
             self.restores += 1
+        self.dirty[slot] = False
         self.slot_of[key] = slot
         self.key_at[slot] = key
         self.occupied[slot] = True
@@ -165,12 +175,15 @@ class StatePool:
             c=self.c[:, slot].to("cpu", copy=True) if self.c is not None else None,
             seq=int(self.seq[slot]),
             pos=int(self.pos[slot]),
+            offset=int(self.applied[slot]),
+            partition=int(self.part[slot]),
         )
 
     def evict(self, key: str) -> None:
         """Move a resident key's state to the store and free its slot."""
         self.store.put(key, self.snapshot(key))
         slot = self.slot_of.pop(key)
+        self.dirty[slot] = False
         self.key_at[slot] = None
         self.occupied[slot] = False
         self._free.append(slot)
@@ -187,6 +200,35 @@ class StatePool:
                 self.evict(key)
         self.expirations += len(stale)
         return len(stale)
+
+    def take_dirty(self, partition: int | None = None) -> list[tuple[str, StoredState]]:
+        """Snapshots of the states changed since the last call (of one source partition or all),
+        marking them clean: what an incremental checkpoint writes."""
+        mask = self.dirty & self.occupied
+        if partition is not None:
+            mask &= self.part == partition
+        slots = mask.nonzero().flatten().tolist()
+        out = []
+        for slot in slots:
+            key = self.key_at[slot]
+            if key is not None:
+                out.append((key, self.snapshot(key)))
+        self.dirty[slots] = False
+        return out
+
+    def drop_partition(self, partition: int) -> int:
+        """Forget every resident key of a source partition (after a final checkpoint, when the
+        partition moves to another worker); returns how many were dropped."""
+        slots = (self.occupied & (self.part == partition)).nonzero().flatten().tolist()
+        for slot in slots:
+            key = self.key_at[slot]
+            if key is not None:
+                del self.slot_of[key]
+                self.key_at[slot] = None
+                self.occupied[slot] = False
+                self.dirty[slot] = False
+                self._free.append(slot)
+        return len(slots)
 
     # ------------------------------------------------------------------ tensors
     def gather(self, slots: Tensor) -> State:
@@ -207,6 +249,7 @@ class StatePool:
             self.c[:, idx] = state[1].to(self.dtype)
         else:
             self.h[:, idx] = state.to(self.dtype)
+        self.dirty[slots] = True
 
     def clear(self, slots: Tensor) -> None:
         """Start a new sequence for these keys: zero state, ``pos`` 0, ``seq`` + 1."""
@@ -216,3 +259,4 @@ class StatePool:
             self.c[:, idx] = 0
         self.pos[slots] = 0
         self.seq[slots] += 1
+        self.dirty[slots] = True

@@ -14,12 +14,18 @@ from torch import Tensor
 
 @dataclass(frozen=True, slots=True)
 class StoredState:
-    """One key's state as it left the pool: tensors ``(L, H)`` (h, and c for LSTM) + counters."""
+    """One key's state as it left the pool: tensors ``(L, H)`` (h, and c for LSTM) + counters.
+
+    ``offset`` is the source offset of the last event applied to this state (-1 if unknown) and
+    ``partition`` the source partition of the key: together they make restores exactly-once.
+    """
 
     h: Tensor
     c: Tensor | None
     seq: int
     pos: int
+    offset: int = -1
+    partition: int = -1
 
     @property
     def nbytes(self) -> int:
