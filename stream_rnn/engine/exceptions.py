@@ -7,3 +7,7 @@ class EngineError(Exception):
 
 class PoolError(EngineError):
     """The state pool was asked for something it cannot do (e.g. capacity too small)."""
+
+
+class StateCodecError(EngineError, ValueError):
+    """A serialized state record is damaged or of an unknown format."""

@@ -9,7 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import orjson
+import torch
 from torch import Tensor
+
+from stream_rnn.engine.exceptions import StateCodecError
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,3 +73,57 @@ class MemoryStateStore:
 
     def __len__(self) -> int:
         return len(self._data)
+
+
+# ---------------------------------------------------------------- binary records
+# A header JSON line then the raw tensor bytes: states are data, never pickled.
+FORMAT = 1
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+def encode_state(state: StoredState) -> bytes:
+    """Header JSON line + raw ``h`` (and ``c``) bytes, in the pool's storage dtype."""
+    h = state.h.contiguous()
+    header = {
+        "f": FORMAT,
+        "seq": state.seq,
+        "pos": state.pos,
+        "offset": state.offset,
+        "partition": state.partition,
+        "shape": list(h.shape),
+        "dtype": _NAMES[h.dtype],
+        "lstm": state.c is not None,
+    }
+    parts = [orjson.dumps(header), b"\n", h.view(torch.uint8).numpy().tobytes()]
+    if state.c is not None:
+        parts.append(state.c.contiguous().view(torch.uint8).numpy().tobytes())
+    return b"".join(parts)
+
+
+def decode_state(value: bytes) -> StoredState:
+    """Inverse of :func:`encode_state`; raises :class:`StateError` on a damaged record."""
+    try:
+        head, _, body = value.partition(b"\n")
+        header = orjson.loads(head)
+        if header.get("f") != FORMAT:
+            raise StateCodecError(f"state record format {header.get('f')!r} is not {FORMAT}")
+        dtype = _DTYPES[header["dtype"]]
+        shape = tuple(int(x) for x in header["shape"])
+        size = int(torch.tensor([], dtype=dtype).element_size()) * int(torch.tensor(shape).prod())
+        want = size * (2 if header["lstm"] else 1)
+        if len(body) != want:
+            raise StateCodecError(f"state record body has {len(body)} bytes, expected {want}")
+        raw = torch.frombuffer(bytearray(body), dtype=torch.uint8)
+        h = raw[:size].view(dtype).reshape(shape).clone()
+        c = raw[size:].view(dtype).reshape(shape).clone() if header["lstm"] else None
+        return StoredState(
+            h=h,
+            c=c,
+            seq=int(header["seq"]),
+            pos=int(header["pos"]),
+            offset=int(header["offset"]),
+            partition=int(header["partition"]),
+        )
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise StateCodecError(f"damaged state record ({exc})") from exc

@@ -1,0 +1,114 @@
+"""Durable per-key states on a compacted Kafka topic, co-partitioned with the tokens topic.
+
+A record's key is the sequence key; its value is a small JSON header line followed by the raw
+state tensors (no pickle — states are data). The header carries the key's last applied
+source offset, so a restore is exactly-once per key: tokens of the key at or below that offset
+are redeliveries and are skipped. Compaction keeps the newest record per key, which is exactly
+what a restore needs; restoring takes the record with the highest offset per key anyway, so a
+late write from a stale owner cannot move a key backwards.
+
+Example::
+
+    writer = StateWriter("127.0.0.1:9092", "stream-rnn.tokens-state")
+    await writer.start()
+    await writer.write(partition=2, states=pool.take_dirty(partition=2))
+    restored = await restore_partition("127.0.0.1:9092", "stream-rnn.tokens-state", 2)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from stream_rnn.engine.store import StoredState, decode_state, encode_state
+from stream_rnn.stream.exceptions import StreamError
+
+
+class StateError(StreamError):
+    """A state record could not be written or read back from the state topic."""
+
+
+class StateWriter:
+    """Writes key states to the state topic (acks=all, idempotent), partition by partition."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.topic = topic
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap,
+            acks="all",
+            enable_idempotence=True,
+            linger_ms=5,
+            max_batch_size=1 << 20,
+            max_request_size=8 << 20,
+        )
+        self.records = 0
+        self.bytes = 0
+
+    async def start(self) -> None:
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        await self._producer.stop()
+
+    async def write(self, partition: int, states: Sequence[tuple[str, StoredState]]) -> int:
+        """Write ``states`` to ``partition`` and wait until the broker has them all (durable)."""
+        futures = []
+        for key, state in states:
+            value = encode_state(state)
+            self.bytes += len(value)
+            futures.append(
+                await self._producer.send(
+                    self.topic, value=value, key=key.encode("utf-8"), partition=partition
+                )
+            )
+        if futures:
+            await asyncio.gather(*futures)
+        self.records += len(futures)
+        return len(futures)
+
+
+async def restore_partition(
+    bootstrap: str, topic: str, partition: int, *, timeout_s: float = 60.0
+) -> dict[str, StoredState]:
+    """Read a state-topic partition from the beginning to its end: the newest state per key.
+
+    "Newest" is the highest applied offset, not the last written record.
+    """
+    tp = TopicPartition(topic, partition)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=8 << 20,
+        fetch_max_bytes=64 << 20,
+    )
+    await consumer.start()
+    states: dict[str, StoredState] = {}
+    try:
+        consumer.assign([tp])
+        end = (await consumer.end_offsets([tp]))[tp]
+        await consumer.seek_to_beginning(tp)
+        deadline = time.monotonic() + timeout_s
+        position = await consumer.position(tp)
+        while position < end:
+            if time.monotonic() > deadline:
+                raise StateError(
+                    f"restoring {topic}[{partition}] took over {timeout_s:.0f}s (at offset "
+                    f"{position} of {end}); is the broker healthy?"
+                )
+            batches = await consumer.getmany(tp, timeout_ms=500, max_records=10_000)
+            for record in batches.get(tp, []):
+                if record.key is None or record.value is None:
+                    continue  # tombstone: the key's state was deleted on purpose
+                key = record.key.decode("utf-8")
+                state = decode_state(record.value)
+                old = states.get(key)
+                if old is None or state.offset >= old.offset:
+                    states[key] = state
+            position = await consumer.position(tp)
+    finally:
+        await consumer.stop()
+    return states
