@@ -16,7 +16,8 @@ def cli() -> None:
 
     Train with BPTT (train), score recorded sequences offline (score), generate text
     (generate), inspect gradients through time (grad-report), make or convert data (data),
-    run a local Kafka broker (kafka), or run the whole job end to end (demo).
+    run a local Kafka broker (kafka), stream over Kafka (topics, worker, produce, collect),
+    or run the whole job end to end (demo).
     """
 
 
@@ -29,7 +30,13 @@ def _register() -> None:
         score_cmd,
         train_cmd,
     )
-    from stream_rnn.ops.cli_stream import simulate_cmd
+    from stream_rnn.ops.cli_stream import (
+        collect_cmd,
+        produce_cmd,
+        simulate_cmd,
+        topics_group,
+        worker_cmd,
+    )
     from stream_rnn.ops.demo import demo_cmd
     from stream_rnn.ops.kafka_cli import kafka_group
 
@@ -40,11 +47,15 @@ def _register() -> None:
         grad_report_cmd,
         info_cmd,
         simulate_cmd,
+        worker_cmd,
+        produce_cmd,
+        collect_cmd,
         demo_cmd,
     ):
         cli.add_command(command)
     cli.add_command(data_group)
     cli.add_command(kafka_group)
+    cli.add_command(topics_group)
 
 
 _register()
@@ -55,6 +66,7 @@ def main() -> None:
     from stream_rnn.model.exceptions import ModelError
     from stream_rnn.ops.exceptions import OpsError
     from stream_rnn.registry.exceptions import RegistryError
+    from stream_rnn.stream.exceptions import StreamError
     from stream_rnn.train.exceptions import TrainError
 
     try:
@@ -65,7 +77,7 @@ def main() -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except (ModelError, TrainError, RegistryError, OpsError) as exc:
+    except (ModelError, TrainError, RegistryError, OpsError, StreamError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except FileNotFoundError as exc:

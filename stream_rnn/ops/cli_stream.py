@@ -1,15 +1,28 @@
-"""CLI commands of the stream side: simulate (in process), and later worker/produce/collect."""
+"""CLI commands of the stream side: simulate (in process), worker, produce, collect, topics.
+
+Every Kafka-facing command takes ``--bootstrap HOST:PORT`` (default ``$STREAM_RNN_BOOTSTRAP``).
+
+Example::
+
+    stream-rnn topics create --partitions 4
+    stream-rnn worker --model runs/lang --group g1 &     # as many as there are partitions
+    stream-rnn produce --data valid.jsonl --interleave-seed 1
+    stream-rnn collect --out streamed.jsonl --timeout 5
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
 
-from stream_rnn.ops.settings import get_settings
+from stream_rnn.ops.settings import Settings, get_settings
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -81,3 +94,166 @@ def simulate_cmd(
         f"(pool: {len(pool)} keys resident, {pool.evictions} evictions, {pool.restores} restores) "
         f"-> {out_path}"
     )
+
+
+# ---------------------------------------------------------------------------- Kafka commands
+def _bootstrap_option(fn: Any) -> Any:
+    return click.option(
+        "--bootstrap",
+        default=None,
+        metavar="HOST:PORT",
+        help="Kafka bootstrap address (default: $STREAM_RNN_BOOTSTRAP or 127.0.0.1:9092)",
+    )(fn)
+
+
+def _topic_settings(**topics: str | None) -> Settings:
+    base = get_settings()
+    return base.model_copy(update={k: v for k, v in topics.items() if v is not None})
+
+
+@click.command("worker")
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False))
+@_bootstrap_option
+@click.option("--device", default=None, help="cpu, cuda, cuda:N or auto (default: settings)")
+@click.option("--group", default=None, help="consumer group = faust app id (default: settings)")
+@click.option("--topic", default=None, help="tokens topic (default: stream-rnn.tokens)")
+@click.option("--predictions-topic", default=None, help="default: stream-rnn.predictions")
+@click.option("--dead-letter-topic", default=None, help="default: stream-rnn.dead-letters")
+@click.option("--max-batch", type=click.IntRange(min=1), default=None, help="micro-batch size")
+@click.option("--max-wait", type=click.FloatRange(min=0.001), default=None, help="seconds")
+@click.option("--max-bytes", type=click.IntRange(min=16), default=None, help="largest value")
+@click.option("--capacity", type=click.IntRange(min=1), default=None, help="resident keys")
+@click.option("--ttl", type=click.FloatRange(min=0.001), default=None, help="idle key TTL (s)")
+@click.option("--storage", type=click.Choice(["float32", "float16", "bfloat16"]), default=None)
+@click.option(
+    "--unknown", type=click.Choice(["unk", "reject"]), default=None, help="unknown tokens"
+)
+@click.option("--running-estimate", is_flag=True, default=None, help="classify: per-token label")
+@click.option("--partitions", type=click.IntRange(min=1), default=None, help="new tokens topic")
+@click.option("--web-port", type=click.IntRange(1, 65535), default=None, help="status endpoint")
+def worker_cmd(model_dir: str, bootstrap: str | None, **kw: Any) -> None:
+    """Run one stream worker until SIGTERM/SIGINT (start several with one --group to scale).
+
+    Consumes the tokens topic in micro-batches, writes predictions and dead letters. Creates
+    the topics if missing (with --partitions, default $STREAM_RNN_PARTITIONS).
+    """
+    from stream_rnn.stream.worker import WorkerOptions, run_worker
+
+    settings = get_settings()
+    renamed = {
+        "tokens_topic": kw.pop("topic"),
+        "predictions_topic": kw.pop("predictions_topic"),
+        "dead_letter_topic": kw.pop("dead_letter_topic"),
+        "max_wait_s": kw.pop("max_wait"),
+        "max_message_bytes": kw.pop("max_bytes"),
+        "ttl_s": kw.pop("ttl"),
+        "unknown_token": kw.pop("unknown"),
+    }
+    opts = WorkerOptions.from_settings(model_dir, settings, bootstrap=bootstrap, **renamed, **kw)
+    logging.basicConfig(level=opts.log_level, stream=sys.stderr)
+    sys.exit(run_worker(opts, settings))
+
+
+@click.command("produce")
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False))
+@_bootstrap_option
+@click.option("--topic", default=None, help="tokens topic (default: stream-rnn.tokens)")
+@click.option("--level", type=click.Choice(["char", "word", "token"]), default=None,
+              help="how to split 'text' records (default: --model's vocabulary, else char)")  # fmt: skip
+@click.option("--model", "model_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="take the split level from this checkpoint's vocabulary")  # fmt: skip
+@click.option("--rate", type=click.FloatRange(min=0.001), default=None, help="tokens per second")
+@click.option("--interleave-seed", type=int, default=None, help="mix sequences at random")
+def produce_cmd(
+    data: str,
+    bootstrap: str | None,
+    topic: str | None,
+    level: str | None,
+    model_dir: str | None,
+    rate: float | None,
+    interleave_seed: int | None,
+) -> None:
+    """Push recorded sequences (either JSONL format) as token events plus an `end` each."""
+    from stream_rnn.producer import TokenProducer, produce_records
+    from stream_rnn.registry.checkpoint import read_manifest
+    from stream_rnn.stream.topics import ensure_topics
+    from stream_rnn.train.data import read_records
+    from stream_rnn.train.vocab import check_level
+
+    settings = _topic_settings(tokens_topic=topic)
+    address = bootstrap or settings.bootstrap
+    if level is None:
+        level = read_manifest(model_dir).vocab.get("level", "char") if model_dir else "char"
+    records = read_records(data)
+    ensure_topics(address, settings)
+    started = time.monotonic()
+    with TokenProducer(address, settings.tokens_topic) as producer:
+        count = produce_records(
+            records,
+            producer,
+            level=check_level(level),
+            rate=rate,
+            interleave_seed=interleave_seed,
+        )
+    elapsed = time.monotonic() - started
+    console.print(
+        f"sent {count} events ({len(records)} sequences) to {settings.tokens_topic} in "
+        f"{elapsed:.2f}s ({count / max(elapsed, 1e-9):.0f} events/s)"
+    )
+
+
+@click.command("collect")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False))
+@_bootstrap_option
+@click.option("--topic", default=None, help="predictions topic (default: stream-rnn.predictions)")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
+              help="stop when no new prediction arrived for this many seconds")  # fmt: skip
+@click.option("--max-wait", type=click.FloatRange(min=0.1), default=600.0, show_default=True,
+              help="stop after this many seconds in any case")  # fmt: skip
+def collect_cmd(
+    out_path: str, bootstrap: str | None, topic: str | None, timeout: float, max_wait: float
+) -> None:
+    """Read the predictions topic from the beginning into `score`-format JSONL (by key, seq)."""
+    from stream_rnn.stream.collect import read_predictions, to_lines, write_lines
+
+    settings = _topic_settings(predictions_topic=topic)
+    preds = read_predictions(
+        bootstrap or settings.bootstrap,
+        settings.predictions_topic,
+        timeout_s=timeout,
+        max_wait_s=max_wait,
+    )
+    n = write_lines(out_path, to_lines(preds))
+    console.print(f"collected {len(preds)} distinct predictions into {n} lines -> {out_path}")
+
+
+@click.group("topics")
+def topics_group() -> None:
+    """Create the stream topics (tokens, its -state topic, predictions, dead letters)."""
+
+
+@topics_group.command("create")
+@_bootstrap_option
+@click.option("--partitions", type=click.IntRange(min=1), default=None,
+              help="partitions of a new tokens topic (default: settings); checked if it exists")  # fmt: skip
+@click.option("--topic", default=None, help="tokens topic (default: stream-rnn.tokens)")
+@click.option("--predictions-topic", default=None, help="default: stream-rnn.predictions")
+@click.option("--dead-letter-topic", default=None, help="default: stream-rnn.dead-letters")
+def topics_create_cmd(
+    bootstrap: str | None,
+    partitions: int | None,
+    topic: str | None,
+    predictions_topic: str | None,
+    dead_letter_topic: str | None,
+) -> None:
+    """Create the missing topics; idempotent. Prints one `name partitions` line per topic."""
+    from stream_rnn.stream.topics import ensure_topics
+
+    settings = _topic_settings(
+        tokens_topic=topic,
+        predictions_topic=predictions_topic,
+        dead_letter_topic=dead_letter_topic,
+    )
+    layout = ensure_topics(bootstrap or settings.bootstrap, settings, partitions=partitions)
+    for name in (layout.tokens, layout.state, layout.predictions, layout.dead_letters):
+        click.echo(f"{name} {layout.partitions}")

@@ -38,8 +38,11 @@ def _unigram(manifest: object, train: list, valid: list) -> float:  # lists of R
 )
 @click.option("--epochs", type=int, default=8, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def demo_cmd(out_dir: str | None, epochs: int, seed: int) -> None:
-    """Run the main job end to end: synthetic data -> train -> score held-out sequences."""
+@click.option(
+    "--stream/--no-stream", default=True, show_default=True, help="also run the Kafka stage"
+)
+def demo_cmd(out_dir: str | None, epochs: int, seed: int, stream: bool) -> None:
+    """Run the main job end to end: synthetic data -> train -> score -> stream through Kafka."""
     from stream_rnn.ops.settings import get_settings
     from stream_rnn.predict.offline import score_records
     from stream_rnn.registry.checkpoint import load_checkpoint
@@ -59,7 +62,7 @@ def demo_cmd(out_dir: str | None, epochs: int, seed: int) -> None:
     data.mkdir(parents=True, exist_ok=True)
     for name, recs in (("train", split.train), ("valid", split.valid), ("test", split.test)):
         write_records(data / f"{name}.jsonl", recs)
-    console.print(f"[bold]1/2[/bold] classify: {len(split.train)} synthetic sequences in {data}")
+    console.print(f"[bold]1/3[/bold] classify: {len(split.train)} synthetic sequences in {data}")
     cfg = TrainConfig(
         task="classify",
         cell="gru",
@@ -88,6 +91,7 @@ def demo_cmd(out_dir: str | None, epochs: int, seed: int) -> None:
         f"majority class {majority:.3f}",
     )
     console.print(f"   trained in {result.elapsed_s:.0f}s; scores -> {data / 'test_scores.jsonl'}")
+    classify_model, classify_test, classify_offline = data / "model", split.test, lines
     for line in lines[:3]:
         console.print(f"   {line['key']}: {line['label']} (p={line['probs'][line['label']]:.3f})")
 
@@ -97,7 +101,7 @@ def demo_cmd(out_dir: str | None, epochs: int, seed: int) -> None:
     data.mkdir(parents=True, exist_ok=True)
     for name, recs in (("train", split.train), ("valid", split.valid), ("test", split.test)):
         write_records(data / f"{name}.jsonl", recs)
-    console.print(f"[bold]2/2[/bold] next-token: {len(split.train)} synthetic sequences in {data}")
+    console.print(f"[bold]2/3[/bold] next-token: {len(split.train)} synthetic sequences in {data}")
     cfg = TrainConfig(
         task="next-token",
         cell="lstm",
@@ -131,5 +135,27 @@ def demo_cmd(out_dir: str | None, epochs: int, seed: int) -> None:
     console.print(
         f"   trained in {result.elapsed_s:.0f}s; sample: [italic]{''.join(map(str, prompt))}[/italic]{sample}"
     )
+    # 3. the same classifier behind a real Kafka broker and a stream worker
+    if stream:
+        from stream_rnn.ops.demo_stream import stream_through_kafka
+
+        console.print("[bold]3/3[/bold] streaming the classify test set through Kafka")
+        figures = stream_through_kafka(
+            console, classify_model, classify_test, classify_offline, out / "stream", seed=seed
+        )
+        summary.add_row(
+            "classify, streamed",
+            "1 worker, Kafka",
+            "labels equal to offline",
+            f"{figures['same_label']}/{figures['sequences']}",
+            f"max |p - p_offline| {figures['max_prob_diff']:.1e}",
+        )
+        summary.add_row(
+            "",
+            "",
+            "latency p50 / p99",
+            f"{figures['latency_p50_s'] * 1000:.0f} / {figures['latency_p99_s'] * 1000:.0f} ms",
+            f"{figures['seconds']:.1f}s for {figures['sequences']} sequences",
+        )
     console.print(summary)
     console.print(f"done in {time.monotonic() - started:.0f}s; artefacts in {out}")

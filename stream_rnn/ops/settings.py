@@ -5,8 +5,10 @@ CLI flags override these; deployment files set the environment.
 
 from __future__ import annotations
 
+import tempfile
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -29,6 +31,32 @@ class Settings(BaseSettings):
         description="data directory of the local development broker",
     )
     runs_dir: Path = Field(Path("runs"), description="where demo artefacts go")
+    # topics
+    tokens_topic: str = Field("stream-rnn.tokens", description="input topic (key = sequence key)")
+    predictions_topic: str = Field("stream-rnn.predictions", description="output topic")
+    dead_letter_topic: str = Field("stream-rnn.dead-letters", description="rejected input")
+    partitions: int = Field(4, ge=1, description="partitions of a newly created tokens topic")
+    replication: int = Field(1, ge=1, description="replication factor of newly created topics")
+    # worker
+    group: str = Field("stream-rnn-worker", description="consumer group (faust app id)")
+    max_batch: int = Field(1024, ge=1, description="largest micro-batch (messages)")
+    max_wait_s: float = Field(0.05, gt=0, description="longest wait to fill a micro-batch")
+    max_message_bytes: int = Field(4096, ge=16, description="larger values are dead-lettered")
+    unknown_token: Literal["unk", "reject"] = Field(
+        "unk", description="a token not in the vocabulary: map to <unk> or dead-letter it"
+    )
+    capacity: int = Field(100_000, ge=1, description="state pool capacity (resident keys)")
+    ttl_s: float | None = Field(None, gt=0, description="idle keys leave the pool after this")
+    storage: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="dtype of resident states"
+    )
+    running_estimate: bool = Field(False, description="classify: a label estimate per token")
+    expire_interval_s: float = Field(5.0, gt=0, description="how often idle keys are expired")
+    stats_interval_s: float = Field(10.0, gt=0, description="how often a worker logs its counts")
+    worker_dir: Path = Field(
+        Path(tempfile.gettempdir()) / "stream-rnn-worker",
+        description="faust data directories, one per worker under it",
+    )
     log_level: str = Field("INFO", description="logging level")
 
 

@@ -134,7 +134,9 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     for tag, cls in zip(EVENT_TYPES, get_args(Event), strict=True)
 }
 
-PredictionType = Literal["next", "estimate", "tag", "label", "translation", "generated", "reset"]
+PredictionType = Literal[
+    "next", "estimate", "tag", "label", "translation", "generated", "end", "reset"
+]
 
 
 class TopK(Struct, forbid_unknown_fields=True, frozen=True):
@@ -207,6 +209,12 @@ class GeneratedPrediction(_PredictionBase, tag="generated"):
     text: str
 
 
+class EndPrediction(_PredictionBase, tag="end"):
+    """Closes a sequence of a next-token or tag model (their outputs came per token)."""
+
+    n_tokens: Annotated[int, Meta(ge=1, description="how many tokens the closed sequence had")]
+
+
 class ResetPrediction(_PredictionBase, tag="reset"):
     """Acknowledges a reset event: the key starts sequence ``seq`` from the initial state."""
 
@@ -218,6 +226,7 @@ Prediction = (
     | TagPrediction
     | TranslationPrediction
     | GeneratedPrediction
+    | EndPrediction
     | ResetPrediction
 )
 

@@ -17,13 +17,15 @@ import secrets
 import time
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Protocol
 
 import pytest
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import KafkaError
+from stream_harness import StreamTopics, StreamTopicsFactory, WorkerFactory, WorkerProcess
 
-from stream_rnn.ops.kafka_local import LocalKafka
+from stream_rnn.ops.kafka_local import LocalKafka, find_free_port
 
 TOPIC_READY_TIMEOUT_S = 15.0
 
@@ -106,3 +108,58 @@ def _wait_for_leaders(admin: KafkaAdminClient, topic: str, partitions: int) -> N
         if time.monotonic() >= deadline:
             raise TimeoutError(f"topic {topic} has no leader for all {partitions} partitions")
         time.sleep(0.1)
+
+
+# --------------------------------------------------------------------------- stream workers
+@pytest.fixture
+def stream_topics(kafka_broker: str) -> Iterator[StreamTopicsFactory]:
+    made: list[StreamTopics] = []
+
+    def make(*, partitions: int = 4) -> StreamTopics:
+        topics = StreamTopics(
+            unique_name("tokens"), unique_name("predictions"), unique_name("dead"), partitions
+        )
+        made.append(topics)
+        return topics
+
+    yield make
+    names = [
+        n for t in made for n in (t.tokens, f"{t.tokens}-state", t.predictions, t.dead_letters)
+    ]
+    if names:
+        admin = KafkaAdminClient(bootstrap_servers=kafka_broker, client_id="tests-stream-topics")
+        try:
+            existing = set(admin.list_topics())
+            if existing & set(names):
+                admin.delete_topics(sorted(existing & set(names)), timeout_ms=10_000)
+        except KafkaError as error:  # cleanup only; the test result stands
+            warnings.warn(f"could not delete stream topics {names}: {error}", stacklevel=1)
+        finally:
+            admin.close()
+
+
+@pytest.fixture
+def worker_factory(kafka_broker: str, tmp_path: Path) -> Iterator[WorkerFactory]:
+    """Worker processes of one test; every one still running afterwards is stopped (or killed)."""
+    started: list[WorkerProcess] = []
+    env = {
+        "STREAM_RNN_WORKER_DIR": str(tmp_path / "workers"),
+        "OMP_NUM_THREADS": "1",  # two cores: broker, workers and the test share them
+        "STREAM_RNN_STATS_INTERVAL_S": "5",
+    }
+
+    def start(model_dir: Path, *args: str, group: str | None = None) -> WorkerProcess:
+        taken = frozenset(w.port for w in started)
+        port = find_free_port(exclude=taken)
+        log = tmp_path / f"worker-{len(started)}.log"
+        argv = ["--model", str(model_dir), "--bootstrap", kafka_broker]
+        argv += ["--group", group or unique_name("group"), *args]
+        worker = WorkerProcess(argv, port, log, env)
+        started.append(worker)
+        return worker
+
+    try:
+        yield start
+    finally:
+        for worker in started:
+            worker.stop()

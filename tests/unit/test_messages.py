@@ -44,6 +44,7 @@ PREDICTIONS: list[dict[str, Any]] = [
     {**COMMON, "pos": 0, "type": "tag", "tag": "NOUN", "prob": 0.5},
     {**COMMON, "pos": None, "type": "translation", "output": "a b", "output_tokens": ["a", "b"]},
     {**COMMON, "pos": None, "type": "generated", "tokens": ["x", "y"], "text": "xy"},
+    {**COMMON, "pos": None, "type": "end", "n_tokens": 12},
     {**COMMON, "pos": None, "seq": 3, "type": "reset"},
 ]
 for _p in PREDICTIONS:

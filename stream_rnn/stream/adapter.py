@@ -1,0 +1,256 @@
+"""Kafka-free glue between raw records and the engine: decode, dead-letter, finalise, encode.
+
+A worker hands a poll's raw records to `Adapter.decode`, runs the engine on the events, and
+`Adapter.finish` turns the engine's result into encoded prediction and dead-letter messages.
+Everything rejected, by the decoder or by the engine, becomes a dead letter that carries the
+original bytes and ``partition:offset``. No Kafka client is imported here, so the whole path is
+unit-testable (and the simulator or a benchmark can drive it).
+
+>>> from stream_rnn.train.vocab import Vocab
+>>> adapter = Adapter(Vocab.from_tokens(["a", "b"], "char"))
+>>> batch = adapter.decode([RawRecord(b"u1", b'{"v":1,"type":"token","token":"a"}', "t", 0, 7)])
+>>> batch.events[0].key, batch.events[0].token, batch.events[0].id, batch.dead_letters
+('u1', 4, '0:7', [])
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, cast
+
+from stream_rnn.engine.engine import Engine
+from stream_rnn.engine.events import END, GENERATE, RESET, TOKEN, BatchResult, Event, GenerateParams
+from stream_rnn.stream.codec import (
+    DEFAULT_MAX_BYTES,
+    decode_batch,
+    decode_key,
+    encode_dead_letter,
+    encode_prediction,
+    resolve_token,
+)
+from stream_rnn.stream.exceptions import Rejected
+from stream_rnn.stream.messages import EndEvent, GenerateEvent, Reason, ResetEvent, TokenEvent
+from stream_rnn.train.vocab import Vocab
+
+# Below this, logits / temperature overflows float32 for ordinary logits and sampling fails
+# (softmax of inf is NaN); the schema only asks for > 0, so the adapter refuses these first.
+MIN_TEMPERATURE = 1e-6
+_KINDS = {EndEvent: END, ResetEvent: RESET}
+
+
+class Sensor(Protocol):
+    """Instrumentation hooks of the stream path; metrics plug in here (faust's `Sensor` idea)."""
+
+    def on_batch(self, n_events: int, n_tokens: int, seconds: float) -> None:
+        """A micro-batch of ``n_events`` messages (``n_tokens`` tokens) took ``seconds``."""
+
+    def on_dead_letter(self, reason: str) -> None:
+        """One message was dead-lettered with ``reason``."""
+
+    def on_predictions(self, n: int) -> None:
+        """``n`` predictions were emitted."""
+
+
+@dataclass
+class CountingSensor:
+    """In-memory counts, for tests, the simulator and the worker's log line.
+
+    >>> sensor = CountingSensor()
+    >>> sensor.on_dead_letter("not_json"); sensor.dead_letters["not_json"]
+    1
+    """
+
+    batches: int = 0
+    events: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    predictions: int = 0
+    dead_letters: Counter[str] = field(default_factory=Counter)
+
+    def on_batch(self, n_events: int, n_tokens: int, seconds: float) -> None:
+        self.batches += 1
+        self.events += n_events
+        self.tokens += n_tokens
+        self.seconds += seconds
+
+    def on_dead_letter(self, reason: str) -> None:
+        self.dead_letters[reason] += 1
+
+    def on_predictions(self, n: int) -> None:
+        self.predictions += n
+
+
+@dataclass(slots=True)
+class RawRecord:
+    """One consumed Kafka record, bytes untouched (``ts``: broker timestamp, seconds)."""
+
+    key: bytes | None
+    value: bytes | None
+    topic: str
+    partition: int
+    offset: int
+    ts: float | None = None
+
+
+@dataclass(slots=True)
+class Decoded:
+    """A decoded micro-batch: engine events, dead letters so far, and id -> source record."""
+
+    events: list[Event]
+    dead_letters: list[tuple[bytes | None, bytes]]
+    records: dict[str, RawRecord]
+
+
+@dataclass(slots=True)
+class Outputs:
+    """Encoded messages to produce: ``(key, value)`` pairs per output topic."""
+
+    predictions: list[tuple[bytes, bytes]]
+    dead_letters: list[tuple[bytes | None, bytes]]
+    tokens: int = 0
+
+
+class Adapter:
+    """Raw records -> engine events -> encoded predictions and dead letters.
+
+    ``unknown`` is the policy for string tokens not in the vocabulary: ``"unk"`` maps them to
+    ``<unk>`` (as offline scoring does), ``"reject"`` dead-letters them.
+
+    Example::
+
+        adapter = Adapter(engine.vocab, unknown="reject", max_bytes=4096)
+        out = adapter.process(records, engine)
+        for key, value in out.predictions: producer.send("predictions", value, key=key)
+    """
+
+    def __init__(
+        self,
+        vocab: Vocab,
+        *,
+        unknown: Literal["unk", "reject"] = "unk",
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        sensor: Sensor | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if unknown not in ("unk", "reject"):
+            raise ValueError(f"unknown-token policy {unknown!r}; use 'unk' or 'reject'")
+        self.vocab = vocab
+        self.unknown: Literal["unk", "reject"] = unknown
+        self.max_bytes = max_bytes
+        self.sensor: Sensor = sensor if sensor is not None else CountingSensor()
+        self.clock = clock
+
+    def decode(self, records: Sequence[RawRecord]) -> Decoded:
+        """Validate and decode ``records``; rejected ones become dead letters right away."""
+        # A None value (tombstone) is allowed in: decode_batch rejects it as not_json.
+        values: list[Any] = [r.value for r in records]
+        decoded = decode_batch(values, max_bytes=self.max_bytes)
+        events: list[Event] = []
+        dead: list[tuple[bytes | None, bytes]] = []
+        by_id: dict[str, RawRecord] = {}
+        stoi, vocab, unknown = self.vocab.stoi, self.vocab, self.unknown
+        now = self.clock()
+        for rec, msg in zip(records, decoded, strict=True):
+            try:
+                key = decode_key(rec.key)
+                if isinstance(msg, Rejected):
+                    raise msg
+                ident = f"{rec.partition}:{rec.offset}"
+                if msg.__class__ is TokenEvent:
+                    token = msg.token
+                    # Fast path: a known string token; everything else gets the precise checks.
+                    tid = stoi.get(token) if token.__class__ is str else None
+                    if not tid:
+                        tid = resolve_token(token, vocab, unknown=unknown)
+                    event = Event(key, TOKEN, tid, ident, msg.ts)
+                elif isinstance(msg, GenerateEvent):
+                    event = Event(key, GENERATE, -1, ident, msg.ts, _generate_params(msg))
+                else:
+                    event = Event(key, _KINDS[type(msg)], -1, ident, msg.ts)
+            except Rejected as err:
+                dead.append(self._dead_letter(rec, err.reason, err.detail, now))
+                continue
+            events.append(event)
+            by_id[ident] = rec
+        return Decoded(events, dead, by_id)
+
+    def finish(self, batch: Decoded, result: BatchResult) -> Outputs:
+        """Encode the engine's predictions (latency and emit time set) and every dead letter."""
+        now = self.clock()
+        dead = batch.dead_letters
+        for rejection in result.rejections:
+            rec = batch.records[rejection.event.id]
+            dead.append(self._dead_letter(rec, rejection.reason, rejection.detail, now))
+        preds: list[tuple[bytes, bytes]] = []
+        for pred in result.predictions:
+            preds.append((pred["key"].encode(), encode_prediction(finalise(pred, now))))
+        if preds:
+            self.sensor.on_predictions(len(preds))
+        return Outputs(preds, dead, result.tokens)
+
+    def process(self, records: Sequence[RawRecord], engine: Engine) -> Outputs:
+        """`decode`, ``engine.process``, `finish`; reports the batch to the sensor."""
+        started = time.perf_counter()
+        batch = self.decode(records)
+        out = self.finish(batch, engine.process(batch.events))
+        self.sensor.on_batch(len(records), out.tokens, time.perf_counter() - started)
+        return out
+
+    def reject_all(self, records: Sequence[RawRecord], err: BaseException) -> Outputs:
+        """Dead letters for a whole micro-batch the engine failed on (a bug, not bad input).
+
+        The worker keeps going; the letters name the error so that the batch can be replayed
+        once the bug is fixed. Keys' states may hold part of the batch.
+        """
+        now = self.clock()
+        detail = (
+            f"the worker failed on the micro-batch that held this message ({err!r:.200}); it "
+            "was not scored and its key's state may be partly advanced: report the error, "
+            "and replay the message from the dead-letter topic once it is fixed"
+        )
+        dead = [self._dead_letter(rec, "bad_value", detail, now) for rec in records]
+        return Outputs([], dead, 0)
+
+    def _dead_letter(
+        self, rec: RawRecord, reason: str, detail: str, now: float
+    ) -> tuple[bytes | None, bytes]:
+        self.sensor.on_dead_letter(reason)
+        value = encode_dead_letter(
+            reason=cast(Reason, reason),  # checked against REASONS at run time
+            detail=detail,
+            topic=rec.topic,
+            partition=rec.partition,
+            offset=rec.offset,
+            key=rec.key,
+            value=rec.value,
+            ts=now,
+        )
+        return rec.key, value
+
+
+def finalise(pred: dict[str, Any], now: float) -> dict[str, Any]:
+    """Turn an engine prediction into its wire form, in place: latency, emit time, version.
+
+    The engine leaves the producer's timestamp in ``"_ts"``; it becomes ``latency_s``.
+
+    >>> finalise({"key": "k", "_ts": 9.5}, now=10.0)
+    {'key': 'k', 'latency_s': 0.5, 'ts': 10.0, 'v': 1}
+    """
+    sent = pred.pop("_ts", None)
+    pred["latency_s"] = None if sent is None else now - sent
+    pred["ts"] = now
+    pred["v"] = 1
+    return pred
+
+
+def _generate_params(msg: GenerateEvent) -> GenerateParams:
+    if not msg.greedy and msg.temperature < MIN_TEMPERATURE:
+        raise Rejected(
+            "bad_value",
+            f"'temperature' {msg.temperature!r} is below {MIN_TEMPERATURE}: sampling would "
+            'overflow; send "greedy": true for the most likely tokens, or a larger temperature',
+        )
+    return GenerateParams(msg.n, msg.temperature, msg.top_k, msg.greedy, msg.seed)
