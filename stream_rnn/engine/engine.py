@@ -138,7 +138,12 @@ class Engine:
         offsets: Tensor | None = None
         if events[0].offset >= 0:
             offsets = torch.tensor([e.offset for e in events], dtype=torch.long)
-            keep = (offsets < 0) | (offsets > self.pool.applied[slots][inv])
+            parts = torch.tensor([e.partition for e in events], dtype=torch.long)
+            known_part = self.pool.part[slots][inv]
+            # Offsets only order events within one partition: a key that shows up on another
+            # partition (producers with different partitioners) is never skipped by them.
+            other = (known_part >= 0) & (known_part != parts)
+            keep = (offsets < 0) | other | (offsets > self.pool.applied[slots][inv])
             if not bool(keep.all()):
                 # redelivered after a restart: these tokens are already in their key's state
                 kept = [events[i] for i in keep.nonzero().flatten().tolist()]
@@ -193,7 +198,8 @@ class Engine:
             slots = self.pool.lookup([ev.key])
             slot = int(slots[0])
             if ev.offset >= 0:
-                if ev.offset <= int(self.pool.applied[slot]):
+                same_part = int(self.pool.part[slot]) in (-1, ev.partition)
+                if same_part and ev.offset <= int(self.pool.applied[slot]):
                     result.skipped += 1  # redelivered: already applied
                     continue
                 self._mark_applied(
@@ -213,7 +219,8 @@ class Engine:
             }
             if ev.kind == RESET:
                 self.pool.clear(slots)
-                result.items.append({**base, "type": "reset"})
+                # the key now starts a new sequence: report its number
+                result.items.append({**base, "seq": base["seq"] + 1, "type": "reset"})
             elif ev.kind == END:
                 n_tokens = int(self.pool.pos[slot])
                 if n_tokens == 0:

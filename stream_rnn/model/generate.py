@@ -40,7 +40,9 @@ def sample_next(
         return logits.argmax(dim=-1)
     if temperature <= 0:
         raise ModelError(f"temperature must be > 0, got {temperature}; use greedy for argmax")
-    scaled = logits.float() / temperature
+    # shift by the max first: a tiny temperature then sends the others to -inf, not the max to inf
+    shifted = logits.double() - logits.double().amax(dim=-1, keepdim=True)
+    scaled = shifted / temperature
     if top_k and top_k < scaled.shape[-1]:
         kth = scaled.topk(top_k, dim=-1).values[..., -1:]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))

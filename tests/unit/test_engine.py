@@ -129,7 +129,7 @@ def test_controls_within_one_batch_keep_per_key_order() -> None:
     assert second["seq"] == 1 and second["pos"] == 0
     fresh = _offline(engine, [7])[0].topk(5)
     assert second["next"]["probs"] == pytest.approx(fresh.values.tolist(), abs=TOL)
-    assert by_id[("0:5", "reset")]["seq"] == 0 and by_id[("0:6", "next")]["seq"] == 1
+    assert by_id[("0:5", "reset")]["seq"] == 1 and by_id[("0:6", "next")]["seq"] == 1
 
 
 def test_unknown_keys_and_bad_controls_are_rejected_not_raised() -> None:
@@ -306,3 +306,20 @@ def test_dirty_states_and_partition_drop() -> None:
     assert engine.pool.take_dirty(partition=1) == []
     assert [k for k, _ in engine.pool.take_dirty()] == ["a"]
     assert engine.pool.drop_partition(0) == 1 and "a" not in engine.pool and "b" in engine.pool
+
+
+def test_offsets_of_another_partition_never_skip() -> None:
+    engine = _engine("gru")
+    engine.process([Event("k", TOKEN, token=5, offset=50, partition=0, id="0:50")])
+    other = engine.process([Event("k", TOKEN, token=6, offset=3, partition=1, id="1:3")])
+    assert other.skipped == 0 and other.count == 1
+
+
+def test_tiny_temperatures_sample_the_argmax() -> None:
+    engine = _engine("gru")
+    engine.process([Event("k", TOKEN, token=5)])
+    tiny = engine.process(
+        [Event("k", GENERATE, gen=GenerateParams(n=4, temperature=1e-300, seed=1))]
+    )
+    greedy = engine.process([Event("k", GENERATE, gen=GenerateParams(n=4, greedy=True))])
+    assert tiny.predictions[0]["tokens"] == greedy.predictions[0]["tokens"]
