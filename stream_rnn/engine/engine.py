@@ -209,10 +209,11 @@ class Engine:
                     [ev.partition],
                 )
                 self.pool.dirty[slots] = True
-            base = {
+            seq = int(self.pool.seq[slot])
+            base: dict[str, Any] = {
                 "key": ev.key,
                 "id": ev.id,
-                "seq": int(self.pool.seq[slot]),
+                "seq": seq,
                 "pos": None,
                 "model_version": self.version,
                 "_ts": ev.ts,
@@ -220,7 +221,7 @@ class Engine:
             if ev.kind == RESET:
                 self.pool.clear(slots)
                 # the key now starts a new sequence: report its number
-                result.items.append({**base, "seq": base["seq"] + 1, "type": "reset"})
+                result.items.append({**base, "seq": seq + 1, "type": "reset"})
             elif ev.kind == END:
                 n_tokens = int(self.pool.pos[slot])
                 if n_tokens == 0:

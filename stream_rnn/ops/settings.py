@@ -53,6 +53,12 @@ class Settings(BaseSettings):
     running_estimate: bool = Field(False, description="classify: a label estimate per token")
     expire_interval_s: float = Field(5.0, gt=0, description="how often idle keys are expired")
     stats_interval_s: float = Field(10.0, gt=0, description="how often a worker logs its counts")
+    checkpoint_interval_s: float = Field(
+        2.0, ge=0, description="durable state checkpoints at least this often (0 = never)"
+    )
+    checkpoint_every: int = Field(
+        50_000, ge=1, description="...and after this many tokens since the last one"
+    )
     worker_dir: Path = Field(
         Path(tempfile.gettempdir()) / "stream-rnn-worker",
         description="faust data directories, one per worker under it",

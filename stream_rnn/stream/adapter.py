@@ -68,7 +68,14 @@ class CountingSensor:
     tokens: int = 0
     seconds: float = 0.0
     predictions: int = 0
+    skipped: int = 0  # redelivered events already in their key's state
     dead_letters: Counter[str] = field(default_factory=Counter)
+    checkpoints: int = 0
+    checkpoint_records: int = 0
+    checkpoint_bytes: int = 0
+    checkpoint_seconds: float = 0.0
+    restored_keys: int = 0
+    restore_seconds: float = 0.0
 
     def on_batch(self, n_events: int, n_tokens: int, seconds: float) -> None:
         self.batches += 1
@@ -134,6 +141,7 @@ class Adapter:
         max_bytes: int = DEFAULT_MAX_BYTES,
         sensor: Sensor | None = None,
         clock: Callable[[], float] = time.time,
+        exactly_once: bool = True,
     ) -> None:
         if unknown not in ("unk", "reject"):
             raise ValueError(f"unknown-token policy {unknown!r}; use 'unk' or 'reject'")
@@ -142,6 +150,7 @@ class Adapter:
         self.max_bytes = max_bytes
         self.sensor: Sensor = sensor if sensor is not None else CountingSensor()
         self.clock = clock
+        self.exactly_once = exactly_once
 
     def decode(self, records: Sequence[RawRecord]) -> Decoded:
         """Validate and decode ``records``; rejected ones become dead letters right away."""
@@ -159,17 +168,20 @@ class Adapter:
                 if isinstance(msg, Rejected):
                     raise msg
                 ident = f"{rec.partition}:{rec.offset}"
+                # offsets make the engine skip redeliveries (exactly-once effect on state)
+                part, off = (rec.partition, rec.offset) if self.exactly_once else (-1, -1)
                 if msg.__class__ is TokenEvent:
                     token = msg.token
                     # Fast path: a known string token; everything else gets the precise checks.
                     tid = stoi.get(token) if token.__class__ is str else None
                     if not tid:
                         tid = resolve_token(token, vocab, unknown=unknown)
-                    event = Event(key, TOKEN, tid, ident, msg.ts)
+                    event = Event(key, TOKEN, tid, ident, msg.ts, None, part, off)
                 elif isinstance(msg, GenerateEvent):
-                    event = Event(key, GENERATE, -1, ident, msg.ts, _generate_params(msg))
+                    gen = _generate_params(msg)
+                    event = Event(key, GENERATE, -1, ident, msg.ts, gen, part, off)
                 else:
-                    event = Event(key, _KINDS[type(msg)], -1, ident, msg.ts)
+                    event = Event(key, _KINDS[type(msg)], -1, ident, msg.ts, None, part, off)
             except Rejected as err:
                 dead.append(self._dead_letter(rec, err.reason, err.detail, now))
                 continue
@@ -189,6 +201,8 @@ class Adapter:
             preds.append((pred["key"].encode(), encode_prediction(finalise(pred, now))))
         if preds:
             self.sensor.on_predictions(len(preds))
+        if result.skipped and isinstance(self.sensor, CountingSensor):
+            self.sensor.skipped += result.skipped
         return Outputs(preds, dead, result.tokens)
 
     def process(self, records: Sequence[RawRecord], engine: Engine) -> Outputs:

@@ -35,26 +35,34 @@ class StateWriter:
     """Writes key states to the state topic (acks=all, idempotent), partition by partition."""
 
     def __init__(self, bootstrap: str, topic: str) -> None:
+        self.bootstrap = bootstrap
         self.topic = topic
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap,
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=5,
-            max_batch_size=1 << 20,
-            max_request_size=8 << 20,
-        )
+        self._producer: AIOKafkaProducer | None = None
         self.records = 0
         self.bytes = 0
 
     async def start(self) -> None:
-        await self._producer.start()
+        # aiokafka clients bind to the running loop: create it here, not in __init__
+        if self._producer is None:
+            self._producer = AIOKafkaProducer(
+                bootstrap_servers=self.bootstrap,
+                acks="all",
+                enable_idempotence=True,
+                linger_ms=5,
+                max_batch_size=1 << 20,
+                max_request_size=8 << 20,
+            )
+            await self._producer.start()
 
     async def stop(self) -> None:
-        await self._producer.stop()
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
 
     async def write(self, partition: int, states: Sequence[tuple[str, StoredState]]) -> int:
         """Write ``states`` to ``partition`` and wait until the broker has them all (durable)."""
+        if self._producer is None:
+            raise StateError("StateWriter.write() before start(); call await writer.start()")
         futures = []
         for key, state in states:
             value = encode_state(state)

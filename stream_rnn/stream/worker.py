@@ -33,14 +33,18 @@ import torch
 from aiokafka.errors import KafkaError
 from faust.types import TP, EventT, StreamT
 
+from stream_rnn.engine.diskstore import DiskStateStore
 from stream_rnn.engine.engine import Engine
+from stream_rnn.engine.pool import StatePool
 from stream_rnn.ops.settings import Settings
 from stream_rnn.registry.checkpoint import load_checkpoint
 from stream_rnn.stream.adapter import Adapter, CountingSensor, Outputs, RawRecord
+from stream_rnn.stream.durable import DurableState
 from stream_rnn.stream.exceptions import StreamError
 from stream_rnn.stream.sender import OutputSender
+from stream_rnn.stream.state import StateWriter
 from stream_rnn.stream.status import StatusServer
-from stream_rnn.stream.topics import ensure_topics
+from stream_rnn.stream.topics import ensure_topics, state_topic
 
 log = logging.getLogger("stream_rnn.worker")
 DELIVERY_ATTEMPTS = 3
@@ -73,6 +77,8 @@ class WorkerOptions:
     running_estimate: bool = False
     expire_interval_s: float = 5.0
     stats_interval_s: float = 10.0
+    checkpoint_interval_s: float = 2.0
+    checkpoint_every: int = 50_000
     web_port: int | None = None
     worker_dir: Path = Path("/tmp/stream-rnn-worker")  # noqa: S108 - overridden by settings
     log_level: str = "INFO"
@@ -116,14 +122,19 @@ class StreamWorker:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         model, manifest = load_checkpoint(opts.model_dir, device=device)
-        self.engine = Engine(
-            model,
-            manifest,
-            capacity=opts.capacity,
-            ttl_s=opts.ttl_s,
+        # Evicted states live in a local file (bounded memory); the state topic is the truth,
+        # so the file starts empty with every process.
+        self.workdir = opts.worker_dir / f"{opts.group}-{os.getpid()}"
+        self.store = DiskStateStore(self.workdir / "states.db")
+        pool = StatePool(
+            model.config,
+            opts.capacity,
+            device=model.embedding.weight.device,
             storage=opts.storage,
-            running_estimate=opts.running_estimate,
+            ttl_s=opts.ttl_s,
+            store=self.store,
         )
+        self.engine = Engine(model, manifest, pool=pool, running_estimate=opts.running_estimate)
         self.sensor = CountingSensor()
         self.adapter = Adapter(
             self.engine.vocab,
@@ -134,11 +145,28 @@ class StreamWorker:
         self.sender = OutputSender(opts.bootstrap, client_id=f"{opts.group}-{os.getpid()}")
         self.assigned: list[int] = []
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self.writer = StateWriter(opts.bootstrap, state_topic(opts.tokens_topic))
+        self.durable = DurableState(
+            self.engine,
+            self.store,
+            self.writer,
+            opts.bootstrap,
+            state_topic(opts.tokens_topic),
+            self._executor,
+            self.sensor,
+            interval_s=opts.checkpoint_interval_s,
+            every_tokens=opts.checkpoint_every,
+        )
+        self.unacked: list[EventT] = []
         self._last_expire = time.monotonic()
         self._last_stats = (time.monotonic(), 0)
 
     async def handle(self, events: Sequence[EventT]) -> None:
         """Process one micro-batch and wait until its outputs are durable on the broker."""
+        owned = set(self.assigned)
+        # A partition revoked while this batch was buffered belongs to its new owner now.
+        events = [e for e in events if e.message.partition in owned]
+        await self.durable.ensure_restored({e.message.partition for e in events})
         records = [
             RawRecord(m.key, m.value, m.topic, m.partition, m.offset, m.timestamp)
             for m in (e.message for e in events)
@@ -146,6 +174,21 @@ class StreamWorker:
         loop = asyncio.get_running_loop()
         out = await loop.run_in_executor(self._executor, self._compute, records)
         await self.deliver(out)
+        self.durable.add_tokens(out.tokens)
+        self.unacked.extend(events)
+
+    async def commit_point(self, *, force: bool = False) -> None:
+        """ACK POINT: ack the processed micro-batches once their states are durable.
+
+        With checkpoints off, a batch is acked as soon as its outputs are on the broker.
+        """
+        if self.durable.enabled:
+            if not (force or self.durable.due()):
+                return
+            await self.durable.checkpoint()
+        for event in self.unacked:
+            event.ack()
+        self.unacked.clear()
 
     async def deliver(self, out: Outputs, *, backoff_s: float = 1.0) -> None:
         """Send the outputs; retry the whole set (duplicates are fine: readers dedupe by id).
@@ -222,10 +265,21 @@ class StreamWorker:
             "predictions": s.predictions,
             "dead_letters": dict(s.dead_letters),
             "keys_resident": len(self.engine.pool),
+            "keys_stored": len(self.store),
+            "skipped_redelivered": s.skipped,
+            "checkpoints": s.checkpoints,
+            "checkpoint_records": s.checkpoint_records,
+            "checkpoint_bytes": s.checkpoint_bytes,
+            "checkpoint_seconds": round(s.checkpoint_seconds, 3),
+            "restored_keys": s.restored_keys,
+            "restore_seconds": round(s.restore_seconds, 3),
+            "evictions": self.engine.pool.evictions,
+            "pool_restores": self.engine.pool.restores,
         }
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
+        self.store.close()
 
 
 def build_app(opts: WorkerOptions, worker: StreamWorker | None = None) -> faust.App:
@@ -264,9 +318,11 @@ def build_app(opts: WorkerOptions, worker: StreamWorker | None = None) -> faust.
     @app.agent(topic, name="tokens")
     async def process_tokens(stream: StreamT[bytes]) -> None:
         await worker.sender.start()
-        async for events in cast(faust.Stream[bytes], stream).take_events(
-            opts.max_batch, within=opts.max_wait_s
-        ):
+        await worker.writer.start()
+        # noack: a micro-batch is acked only at the commit point, once the states it changed
+        # are durable in the state topic (faust would otherwise ack it when the body returns)
+        batches = cast(faust.Stream[bytes], cast(faust.Stream[bytes], stream).noack())
+        async for events in batches.take_events(opts.max_batch, within=opts.max_wait_s):
             try:
                 await worker.handle(events)
             except OutputsLost as err:
@@ -275,20 +331,28 @@ def build_app(opts: WorkerOptions, worker: StreamWorker | None = None) -> faust.
                 # the batch is redelivered to whoever owns the partitions next.
                 log.critical("%s; exiting without acking the micro-batch", err)
                 os._exit(EXIT_OUTPUTS_LOST)
-            # ACK POINT: take_events acks the whole micro-batch when this body returns, i.e.
-            # after every output is on the broker. Crash-proof state (next issue) turns this
-            # into stream.noack() + explicit acks here, once the state checkpoint is durable.
+            await worker.commit_point()
 
     @app.on_partitions_assigned.connect
     async def on_assigned(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
         assigned: set[TP] = args[0] if args else kwargs.get("assigned", set())
         worker.assigned = sorted(tp.partition for tp in assigned if tp.topic == opts.tokens_topic)
+        # restore before the partitions' first events are processed (handle() checks again)
+        await worker.durable.ensure_restored(worker.assigned)
         log.info(
             "worker %d assigned partitions %s of %s",
             os.getpid(),
             worker.assigned,
             opts.tokens_topic,
         )
+
+    @app.on_partitions_revoked.connect
+    async def on_revoked(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        revoked: set[TP] = args[0] if args else kwargs.get("revoked", set())
+        gone = sorted(tp.partition for tp in revoked if tp.topic == opts.tokens_topic)
+        worker.assigned = [p for p in worker.assigned if p not in gone]
+        await worker.commit_point(force=True)  # everything processed so far becomes durable
+        await worker.durable.release(gone)
 
     @app.timer(opts.expire_interval_s)
     async def expire_idle_keys() -> None:
@@ -300,6 +364,8 @@ def build_app(opts: WorkerOptions, worker: StreamWorker | None = None) -> faust.
 
     @app.on_before_shutdown.connect
     async def stop_sender(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        await worker.commit_point(force=True)
+        await worker.writer.stop()
         await worker.sender.stop()
 
     return app
