@@ -78,6 +78,8 @@ def stream_through_kafka(
         topics["dead"],
         "--partitions",
         "2",
+        "--web-port",
+        str(port),
     ]
     env = {**os.environ, "STREAM_RNN_WORKER_DIR": str(work_dir / "worker")}
     with log_path.open("w") as log:
