@@ -10,6 +10,7 @@ import json
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -28,6 +29,48 @@ def _unigram(manifest: object, train: list, valid: list) -> float:  # lists of R
     return unigram_perplexity(tr, va, len(vocab))
 
 
+def _train_and_score(
+    task: str,
+    cell: str,
+    hidden: int,
+    sizes: tuple[int, int, int],
+    out: Path,
+    epochs: int,
+    seed: int,
+    step: str,
+) -> tuple[Any, Path, Any, Any, Any, list[dict[str, Any]]]:
+    """Synthetic corpus -> train -> score the test split; everything written under ``out``."""
+    from stream_rnn.predict.offline import score_records
+    from stream_rnn.registry.checkpoint import load_checkpoint
+    from stream_rnn.train.data import write_records
+    from stream_rnn.train.synthetic import generate_split
+    from stream_rnn.train.trainer import TrainConfig, train
+
+    split = generate_split(task, *sizes, seed=seed)  # type: ignore[arg-type]
+    data = out / task
+    data.mkdir(parents=True, exist_ok=True)
+    for name, recs in (("train", split.train), ("valid", split.valid), ("test", split.test)):
+        write_records(data / f"{name}.jsonl", recs)
+    console.print(f"{step} {task}: {len(split.train)} synthetic sequences in {data}")
+    cfg = TrainConfig(
+        task=task,  # type: ignore[arg-type]
+        cell=cell,  # type: ignore[arg-type]
+        hidden=hidden,
+        embed=32,
+        epochs=epochs,
+        batch_size=32,
+        lr=3e-3,
+        seed=seed,
+        patience=3,
+    )
+    result = train(cfg, split.train, split.valid, data / "model")
+    model, manifest = load_checkpoint(data / "model")
+    lines = list(score_records(model, manifest, split.test))
+    with (data / "test_scores.jsonl").open("w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(line) + "\n" for line in lines)
+    return split, data, result, model, manifest, lines
+
+
 @click.command("demo")
 @click.option(
     "--out",
@@ -44,11 +87,6 @@ def _unigram(manifest: object, train: list, valid: list) -> float:  # lists of R
 def demo_cmd(out_dir: str | None, epochs: int, seed: int, stream: bool) -> None:
     """Run the main job end to end: synthetic data -> train -> score -> stream through Kafka."""
     from stream_rnn.ops.settings import get_settings
-    from stream_rnn.predict.offline import score_records
-    from stream_rnn.registry.checkpoint import load_checkpoint
-    from stream_rnn.train.data import write_records
-    from stream_rnn.train.synthetic import generate_split
-    from stream_rnn.train.trainer import TrainConfig, train
 
     out = Path(out_dir) if out_dir else get_settings().runs_dir / "demo"
     started = time.monotonic()
@@ -57,28 +95,10 @@ def demo_cmd(out_dir: str | None, epochs: int, seed: int, stream: bool) -> None:
         summary.add_column(col)
 
     # 1. sequence classification (many-to-one)
-    split = generate_split("classify", 1600, 200, 200, seed=seed)
-    data = out / "classify"
-    data.mkdir(parents=True, exist_ok=True)
-    for name, recs in (("train", split.train), ("valid", split.valid), ("test", split.test)):
-        write_records(data / f"{name}.jsonl", recs)
-    console.print(f"[bold]1/3[/bold] classify: {len(split.train)} synthetic sequences in {data}")
-    cfg = TrainConfig(
-        task="classify",
-        cell="gru",
-        hidden=64,
-        embed=32,
-        epochs=epochs,
-        batch_size=32,
-        lr=3e-3,
-        seed=seed,
-        patience=3,
+    step = "[bold]1/3[/bold]"
+    split, data, result, model, manifest, lines = _train_and_score(
+        "classify", "gru", 64, (1600, 200, 200), out, epochs, seed, step
     )
-    result = train(cfg, split.train, split.valid, data / "model")
-    model, manifest = load_checkpoint(data / "model")
-    lines = list(score_records(model, manifest, split.test))
-    with (data / "test_scores.jsonl").open("w", encoding="utf-8") as fh:
-        fh.writelines(json.dumps(line) + "\n" for line in lines)
     acc = sum(line["label"] == r.label for line, r in zip(lines, split.test, strict=True)) / len(
         lines
     )
@@ -96,28 +116,10 @@ def demo_cmd(out_dir: str | None, epochs: int, seed: int, stream: bool) -> None:
         console.print(f"   {line['key']}: {line['label']} (p={line['probs'][line['label']]:.3f})")
 
     # 2. character-level next-token prediction (many-to-many aligned) and generation
-    split = generate_split("next-token", 1200, 150, 150, seed=seed)
-    data = out / "next-token"
-    data.mkdir(parents=True, exist_ok=True)
-    for name, recs in (("train", split.train), ("valid", split.valid), ("test", split.test)):
-        write_records(data / f"{name}.jsonl", recs)
-    console.print(f"[bold]2/3[/bold] next-token: {len(split.train)} synthetic sequences in {data}")
-    cfg = TrainConfig(
-        task="next-token",
-        cell="lstm",
-        hidden=96,
-        embed=32,
-        epochs=epochs,
-        batch_size=32,
-        lr=3e-3,
-        seed=seed,
-        patience=3,
+    step = "[bold]2/3[/bold]"
+    split, data, result, model, manifest, lines = _train_and_score(
+        "next-token", "lstm", 96, (1200, 150, 150), out, epochs, seed, step
     )
-    result = train(cfg, split.train, split.valid, data / "model")
-    model, manifest = load_checkpoint(data / "model")
-    lines = list(score_records(model, manifest, split.test))
-    with (data / "test_scores.jsonl").open("w", encoding="utf-8") as fh:
-        fh.writelines(json.dumps(line) + "\n" for line in lines)
     ppl = manifest.metrics["valid"]["perplexity"]
     summary.add_row(
         "next-token",
