@@ -7,6 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# The real-broker fixtures (session broker, topics, worker processes) for integration and
+# chaos tests alike; a plugin rather than a sub-directory conftest so that both share them.
+pytest_plugins = ["kafka_fixtures"]
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 

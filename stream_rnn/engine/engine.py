@@ -56,8 +56,12 @@ class Engine:
         self.device = model.embedding.weight.device
         if self.device.type == "cuda":
             exact_float32()
-        self.pool = pool or StatePool(
-            model.config, capacity, device=self.device, storage=storage, ttl_s=ttl_s
+        # not `pool or ...`: a pool has a length, so a fresh (empty) one is falsy, and the
+        # caller's pool and its store (the worker's on-disk store) would be silently replaced
+        self.pool = (
+            pool
+            if pool is not None
+            else StatePool(model.config, capacity, device=self.device, storage=storage, ttl_s=ttl_s)
         )
         self.heads = Heads(model.config.task, self.vocab, self.labels, top_k, running_estimate)
         self.max_output_len = max_output_len

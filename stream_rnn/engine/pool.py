@@ -207,14 +207,39 @@ class StatePool:
         mask = self.dirty & self.occupied
         if partition is not None:
             mask &= self.part == partition
-        slots = mask.nonzero().flatten().tolist()
+        idx = mask.nonzero().flatten()
+        if not len(idx):
+            return []
+        # one indexed copy for all of them (a snapshot per key costs ~10x more); the states
+        # are views into that copy, independent of the pool's later writes
+        on_device = idx.to(self.device)
+        h = self.h.index_select(1, on_device).to("cpu")
+        c = self.c.index_select(1, on_device).to("cpu") if self.c is not None else None
+        seq, pos = self.seq[idx].tolist(), self.pos[idx].tolist()
+        applied, part = self.applied[idx].tolist(), self.part[idx].tolist()
         out = []
-        for slot in slots:
+        for i, slot in enumerate(idx.tolist()):
             key = self.key_at[slot]
             if key is not None:
-                out.append((key, self.snapshot(key)))
-        self.dirty[slots] = False
+                state = StoredState(
+                    h=h[:, i],
+                    c=c[:, i] if c is not None else None,
+                    seq=seq[i],
+                    pos=pos[i],
+                    offset=applied[i],
+                    partition=part[i],
+                )
+                out.append((key, state))
+        self.dirty[idx] = False
         return out
+
+    def discard(self, key: str) -> None:
+        """Forget a resident key's state without storing it (a newer copy replaces it)."""
+        slot = self.slot_of.pop(key)
+        self.key_at[slot] = None
+        self.occupied[slot] = False
+        self.dirty[slot] = False
+        self._free.append(slot)
 
     def drop_partition(self, partition: int) -> int:
         """Forget every resident key of a source partition (after a final checkpoint, when the

@@ -59,6 +59,13 @@ class Settings(BaseSettings):
     checkpoint_every: int = Field(
         50_000, ge=1, description="...and after this many tokens since the last one"
     )
+    session_timeout_s: float = Field(
+        60.0,
+        ge=6,
+        le=300,
+        description="a worker silent this long leaves the group and its partitions move "
+        "(Kafka's group.min/max.session.timeout.ms bound it: 6-300 s by default)",
+    )
     worker_dir: Path = Field(
         Path(tempfile.gettempdir()) / "stream-rnn-worker",
         description="faust data directories, one per worker under it",

@@ -20,10 +20,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from stream_rnn.engine.store import StoredState, decode_state, encode_state
+from stream_rnn.engine.store import StoredState, decode_position, decode_state, encode_state
 from stream_rnn.stream.exceptions import StreamError
 
 
@@ -61,21 +62,39 @@ class StateWriter:
 
     async def write(self, partition: int, states: Sequence[tuple[str, StoredState]]) -> int:
         """Write ``states`` to ``partition`` and wait until the broker has them all (durable)."""
-        if self._producer is None:
+        producer = self._producer
+        if producer is None:
             raise StateError("StateWriter.write() before start(); call await writer.start()")
+        # Whole broker batches, as the output sender does: a send() per record costs about
+        # as much as the rest of a checkpoint.
         futures = []
+        batch = producer.create_batch()
         for key, state in states:
             value = encode_state(state)
             self.bytes += len(value)
-            futures.append(
-                await self._producer.send(
-                    self.topic, value=value, key=key.encode("utf-8"), partition=partition
-                )
-            )
+            if batch.append(key=key.encode("utf-8"), value=value, timestamp=None) is None:
+                futures.append(await producer.send_batch(batch, self.topic, partition=partition))
+                batch = producer.create_batch()
+                if batch.append(key=key.encode("utf-8"), value=value, timestamp=None) is None:
+                    raise StateError(
+                        f"the state of key {key!r} ({len(value)} bytes) does not fit an empty "
+                        "batch; raise the writer's max_batch_size"
+                    )
+        if batch.record_count():
+            futures.append(await producer.send_batch(batch, self.topic, partition=partition))
         if futures:
             await asyncio.gather(*futures)
-        self.records += len(futures)
-        return len(futures)
+        self.records += len(states)
+        return len(states)
+
+
+class EncodedState(NamedTuple):
+    """A key's newest state record as read back: its applied offset, source partition and the
+    encoded bytes (`stream_rnn.engine.store.decode_state` turns them into a `StoredState`)."""
+
+    offset: int
+    partition: int
+    value: bytes
 
 
 async def restore_partition(
@@ -85,6 +104,14 @@ async def restore_partition(
 
     "Newest" is the highest applied offset, not the last written record.
     """
+    newest = await read_partition(bootstrap, topic, partition, timeout_s=timeout_s)
+    return {key: decode_state(rec.value) for key, rec in newest.items()}
+
+
+async def read_partition(
+    bootstrap: str, topic: str, partition: int, *, timeout_s: float = 60.0
+) -> dict[str, EncodedState]:
+    """Like `restore_partition`, with the states left encoded (only headers are parsed)."""
     tp = TopicPartition(topic, partition)
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
@@ -94,7 +121,7 @@ async def restore_partition(
         fetch_max_bytes=64 << 20,
     )
     await consumer.start()
-    states: dict[str, StoredState] = {}
+    states: dict[str, EncodedState] = {}
     try:
         consumer.assign([tp])
         end = (await consumer.end_offsets([tp]))[tp]
@@ -112,10 +139,10 @@ async def restore_partition(
                 if record.key is None or record.value is None:
                     continue  # tombstone: the key's state was deleted on purpose
                 key = record.key.decode("utf-8")
-                state = decode_state(record.value)
+                offset, source = decode_position(record.value)
                 old = states.get(key)
-                if old is None or state.offset >= old.offset:
-                    states[key] = state
+                if old is None or offset >= old.offset:
+                    states[key] = EncodedState(offset, source, record.value)
             position = await consumer.position(tp)
     finally:
         await consumer.stop()

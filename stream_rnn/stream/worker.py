@@ -1,9 +1,17 @@
 """The stream worker: a faust-streaming app with one agent on the tokens topic.
 
-Per micro-batch (``take_events(max_batch, within=max_wait_s)``): raw records -> `Adapter`
+Per micro-batch (``noack_take(max_batch, within=max_wait_s)``): raw records -> `Adapter`
 (decode, validate, dead-letter) -> `Engine.process` (one batched step per phase) -> encoded
-predictions and dead letters -> `OutputSender` (one broker batch per partition, acks=all), and
-only once the broker has acknowledged every output is the micro-batch acked (see ``ACK POINT``).
+predictions and dead letters -> `OutputSender` (one broker batch per partition, acks=all). A
+micro-batch's offsets are committed only at the next checkpoint after its outputs are on the
+broker (see ``ACK POINT``): consumer offsets never pass a state that is not durable. The worker
+commits them itself; faust's acks are off for the tokens topic, because faust acks every
+message it skips (during a rebalance, or of an old group generation), so its commits could
+pass tokens that no worker applied.
+
+Rebalances: a revoked partition gets a final checkpoint, its offsets are committed and its keys
+leave the pool; micro-batches wait while a rebalance is under way and, once the new assignment
+is known and restored, process only the partitions it holds (see `StreamWorker.handle`).
 Several workers with the same ``group`` share the tokens topic's partitions; each runs in its
 own process (``stream-rnn worker``) with its own engine, its own faust data directory and, if
 asked for, its own status port.
@@ -22,7 +30,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -31,6 +39,7 @@ from typing import Any, Literal, cast
 import faust
 import torch
 from aiokafka.errors import KafkaError
+from faust.transport.consumer import Consumer as FaustConsumer
 from faust.types import TP, EventT, StreamT
 
 from stream_rnn.engine.diskstore import DiskStateStore
@@ -48,7 +57,13 @@ from stream_rnn.stream.topics import ensure_topics, state_topic
 
 log = logging.getLogger("stream_rnn.worker")
 DELIVERY_ATTEMPTS = 3
-EXIT_OUTPUTS_LOST = 75  # EX_TEMPFAIL: the broker refused the outputs; restart the worker
+# EX_TEMPFAIL: a micro-batch failed after it may have changed states (the broker refused its
+# outputs after every retry): the worker exits uncommitted; restart it.
+EXIT_OUTPUTS_LOST = 75
+
+
+async def _no_commit(offsets: dict[int, int]) -> bool:
+    return False
 
 
 class OutputsLost(StreamError):
@@ -79,6 +94,7 @@ class WorkerOptions:
     stats_interval_s: float = 10.0
     checkpoint_interval_s: float = 2.0
     checkpoint_every: int = 50_000
+    session_timeout_s: float = 60.0
     web_port: int | None = None
     worker_dir: Path = Path("/tmp/stream-rnn-worker")  # noqa: S108 - overridden by settings
     log_level: str = "INFO"
@@ -157,38 +173,81 @@ class StreamWorker:
             interval_s=opts.checkpoint_interval_s,
             every_tokens=opts.checkpoint_every,
         )
-        self.unacked: list[EventT] = []
+        # Per partition, the offset after the last event processed since the last commit.
+        self.uncommitted: dict[int, int] = {}
+        # build_app points this at the consumer: commit {partition: offset}, True if done.
+        self.commit_offsets: Callable[[dict[int, int]], Awaitable[bool]] = _no_commit
+        # Set while the assignment is settled (known, and its partitions restored); cleared
+        # from revocation until the next assignment. See handle().
+        self.settled = asyncio.Event()
+        # Held from ownership check to delivered outputs (handle) and around a checkpoint and
+        # its commit (commit_point): a checkpoint never holds the effect of a micro-batch whose
+        # predictions are not on the broker yet, and no commit passes one that it does not hold.
+        self._batch_lock = asyncio.Lock()
+        # The consumer group generation now (build_app points this at faust's): events fetched
+        # in an earlier one are stale copies, see handle().
+        self.generation: Callable[[], int | None] = lambda: None
         self._last_expire = time.monotonic()
         self._last_stats = (time.monotonic(), 0)
 
     async def handle(self, events: Sequence[EventT]) -> None:
-        """Process one micro-batch and wait until its outputs are durable on the broker."""
-        owned = set(self.assigned)
-        # A partition revoked while this batch was buffered belongs to its new owner now.
-        events = [e for e in events if e.message.partition in owned]
-        await self.durable.ensure_restored({e.message.partition for e in events})
-        records = [
-            RawRecord(m.key, m.value, m.topic, m.partition, m.offset, m.timestamp)
-            for m in (e.message for e in events)
-        ]
-        loop = asyncio.get_running_loop()
-        out = await loop.run_in_executor(self._executor, self._compute, records)
-        await self.deliver(out)
-        self.durable.add_tokens(out.tokens)
-        self.unacked.extend(events)
+        """Process one micro-batch and wait until its outputs are durable on the broker.
+
+        Which partitions are ours is decided by the rebalance signals alone: faust resumes
+        fetching a new assignment before ``on_partitions_assigned`` has run, so a batch waits
+        until it has (the assignment is known and restored). Dropped, unacked: events of
+        partitions not ours (their new owner's), and events fetched in an earlier group
+        generation, which the batch buffer can still hold after a rebalance. After every
+        assignment the consumer fetches again from the committed offsets, so such a copy is
+        either fetched again in order or already applied; processing it could apply a token
+        twice (with its refetched copy in the same batch) or before the tokens ahead of it.
+        Within one generation a partition's events arrive in order and none is left out, so
+        the offset after the last one processed is where a restart may resume.
+        """
+        await self.settled.wait()
+        async with self._batch_lock:
+            owned, generation = set(self.assigned), self.generation()
+            events = [
+                e
+                for e in events
+                if e.message.partition in owned
+                and (generation is None or e.message.generation_id in (None, generation))
+            ]
+            if not events:
+                return
+            await self.durable.ensure_restored({e.message.partition for e in events})
+            records = [
+                RawRecord(m.key, m.value, m.topic, m.partition, m.offset, m.timestamp)
+                for m in (e.message for e in events)
+            ]
+            loop = asyncio.get_running_loop()
+            out = await loop.run_in_executor(self._executor, self._compute, records)
+            await self.deliver(out)
+            self.durable.add_tokens(out.tokens)
+            for e in events:
+                self.uncommitted[e.message.partition] = e.message.offset + 1
 
     async def commit_point(self, *, force: bool = False) -> None:
-        """ACK POINT: ack the processed micro-batches once their states are durable.
+        """ACK POINT: commit the processed micro-batches' offsets once their states are durable.
 
-        With checkpoints off, a batch is acked as soon as its outputs are on the broker.
+        With checkpoints off, a batch is committed as soon as its outputs are on the broker. A
+        checkpoint that fails commits nothing; its states are written by the next one, and a
+        commit that fails is tried again with the next.
         """
-        if self.durable.enabled:
-            if not (force or self.durable.due()):
+        async with self._batch_lock:
+            if self.durable.enabled:
+                if not (force or self.durable.due()):
+                    return
+                await self.durable.checkpoint()
+            if not self.uncommitted:
                 return
-            await self.durable.checkpoint()
-        for event in self.unacked:
-            event.ack()
-        self.unacked.clear()
+            offsets, self.uncommitted = self.uncommitted, {}
+            done = False
+            try:
+                done = await self.commit_offsets(offsets)
+            finally:
+                if not done:  # keep them (a newer offset of a partition supersedes its old one)
+                    self.uncommitted = {**offsets, **self.uncommitted}
 
     async def deliver(self, out: Outputs, *, backoff_s: float = 1.0) -> None:
         """Send the outputs; retry the whole set (duplicates are fine: readers dedupe by id).
@@ -304,7 +363,20 @@ def build_app(opts: WorkerOptions, worker: StreamWorker | None = None) -> faust.
         consumer_auto_offset_reset="earliest",
         stream_buffer_maxsize=max(4096, 2 * opts.max_batch),
         producer_acks=-1,
+        # How long a killed worker keeps its partitions: the group moves them only once its
+        # session expires, so this bounds the recovery time after a crash.
+        broker_session_timeout=opts.session_timeout_s,
+        broker_heartbeat_interval=min(3.0, opts.session_timeout_s / 3),
     )
+    worker.generation = lambda: app.consumer_generation_id
+
+    async def commit_offsets(offsets: dict[int, int]) -> bool:
+        # faust's own commit path, minus its ack bookkeeping (off for the tokens topic);
+        # offsets of partitions no longer assigned are left out (their new owner redoes them)
+        tps = {TP(opts.tokens_topic, p): off for p, off in offsets.items()}
+        return await cast(FaustConsumer, app.consumer)._commit_offsets(tps)
+
+    worker.commit_offsets = commit_offsets
     if opts.web_port is not None:
         app.web_server(StatusServer(worker.status, port=opts.web_port))
     topic = app.topic(
@@ -313,32 +385,43 @@ def build_app(opts: WorkerOptions, worker: StreamWorker | None = None) -> faust.
         value_type=bytes,
         key_serializer="raw",
         value_serializer="raw",
+        acks=False,  # offsets are committed by commit_point, see the module docstring
     )
 
     @app.agent(topic, name="tokens")
     async def process_tokens(stream: StreamT[bytes]) -> None:
         await worker.sender.start()
         await worker.writer.start()
-        # noack: a micro-batch is acked only at the commit point, once the states it changed
-        # are durable in the state topic (faust would otherwise ack it when the body returns)
+        # noack_take, not take_events: take_events acks every event of a batch as soon as the
+        # body returns (even with noack); the offsets are committed at commit_point.
         batches = cast(faust.Stream[bytes], cast(faust.Stream[bytes], stream).noack())
-        async for events in batches.take_events(opts.max_batch, within=opts.max_wait_s):
+        # noack_take yields the events themselves (typed as values)
+        async for events in batches.noack_take(opts.max_batch, within=opts.max_wait_s):
             try:
-                await worker.handle(events)
-            except OutputsLost as err:
-                # take_events acks a batch even when this body raises, which would commit
-                # offsets whose outputs never reached the broker. Exit before that can happen:
-                # the batch is redelivered to whoever owns the partitions next.
-                log.critical("%s; exiting without acking the micro-batch", err)
+                await worker.handle(cast(Sequence[EventT], events))
+            except Exception as err:  # noqa: BLE001 - any failure here is fatal, see below
+                # The batch's effect may be in the pool while its outputs are not all on the
+                # broker (OutputsLost, or a bug): a later checkpoint would make that effect
+                # durable and the redelivered tokens would then be skipped, their predictions
+                # never sent. Exit uncommitted: the batch is redone by whoever owns it next.
+                log.critical("%s; exiting without committing the micro-batch", err)
                 os._exit(EXIT_OUTPUTS_LOST)
+            await commit_or_retry()
+
+    async def commit_or_retry() -> None:
+        try:
             await worker.commit_point()
+        except (KafkaError, StreamError) as err:
+            # nothing was committed; the states are written by the next checkpoint
+            log.warning("checkpoint failed (%r); retrying at the next commit point", err)
 
     @app.on_partitions_assigned.connect
     async def on_assigned(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
         assigned: set[TP] = args[0] if args else kwargs.get("assigned", set())
         worker.assigned = sorted(tp.partition for tp in assigned if tp.topic == opts.tokens_topic)
-        # restore before the partitions' first events are processed (handle() checks again)
+        # restore before the partitions' first events are processed (handle() waits for it)
         await worker.durable.ensure_restored(worker.assigned)
+        worker.settled.set()
         log.info(
             "worker %d assigned partitions %s of %s",
             os.getpid(),
@@ -350,9 +433,20 @@ def build_app(opts: WorkerOptions, worker: StreamWorker | None = None) -> faust.
     async def on_revoked(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
         revoked: set[TP] = args[0] if args else kwargs.get("revoked", set())
         gone = sorted(tp.partition for tp in revoked if tp.topic == opts.tokens_topic)
+        worker.settled.clear()  # no new micro-batch until the next assignment is restored
         worker.assigned = [p for p in worker.assigned if p not in gone]
-        await worker.commit_point(force=True)  # everything processed so far becomes durable
+        # Everything processed so far becomes durable and committed while the partitions are
+        # still ours: their next owner starts from these offsets.
+        await worker.commit_point(force=True)
+        for p in gone:  # not ours to commit any more (a failed commit is redone by the owner)
+            worker.uncommitted.pop(p, None)
         await worker.durable.release(gone)
+
+    @app.timer(min(opts.checkpoint_interval_s or 1.0, 1.0) / 2)
+    async def commit_when_idle() -> None:
+        # Without new micro-batches the last ones would wait for a checkpoint (and their
+        # commit) until the next batch or shutdown.
+        await commit_or_retry()
 
     @app.timer(opts.expire_interval_s)
     async def expire_idle_keys() -> None:

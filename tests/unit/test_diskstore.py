@@ -8,7 +8,7 @@ import torch
 
 from stream_rnn.engine.diskstore import DiskStateStore
 from stream_rnn.engine.pool import StatePool
-from stream_rnn.engine.store import StoredState
+from stream_rnn.engine.store import StoredState, decode_position, encode_state
 from stream_rnn.model import ModelConfig
 
 
@@ -42,3 +42,19 @@ def test_pool_evicts_to_disk_and_restores_exactly(tmp_path: Path) -> None:
     assert len(pool) == 4 and len(pool.store) == 36
     for key, value in values.items():
         assert torch.equal(pool.gather(pool.lookup([key])), value)
+
+
+def test_bulk_restore_loads_encoded_states_not_pending(tmp_path: Path) -> None:
+    store = DiskStateStore(tmp_path / "s.db")
+    old = StoredState(h=torch.randn(1, 4), c=None, seq=0, pos=1, offset=2, partition=3)
+    store.put("a", old)  # pending, and replaced by the restore below
+    states = {
+        f"k{i}": StoredState(h=torch.randn(1, 4), c=None, seq=0, pos=i, offset=i, partition=3)
+        for i in range(50)
+    }
+    states["a"] = StoredState(h=torch.randn(1, 4), c=None, seq=0, pos=9, offset=9, partition=3)
+    store.put_restored_encoded([(k, s.partition, encode_state(s)) for k, s in states.items()])
+    assert len(store) == 51 and store.take_pending() == []
+    back = store.pop("a")
+    assert back is not None and back.offset == 9 and torch.equal(back.h, states["a"].h)
+    assert len(store) == 50 and decode_position(encode_state(old)) == (2, 3)

@@ -323,3 +323,28 @@ def test_tiny_temperatures_sample_the_argmax() -> None:
     )
     greedy = engine.process([Event("k", GENERATE, gen=GenerateParams(n=4, greedy=True))])
     assert tiny.predictions[0]["tokens"] == greedy.predictions[0]["tokens"]
+
+
+def test_an_empty_pool_given_to_the_engine_is_the_one_it_uses(tmp_path) -> None:
+    """A fresh pool is empty (len 0, falsy): the engine must still keep it and its store.
+
+    The worker hands the engine a pool backed by its on-disk store, into which restores load
+    the checkpointed states; a replaced pool would start every restored key from zero.
+    """
+    from stream_rnn.engine.diskstore import DiskStateStore
+    from stream_rnn.engine.pool import StatePool
+    from stream_rnn.engine.store import StoredState
+
+    probe = _engine("gru")
+    store = DiskStateStore(tmp_path / "states.db")
+    pool = StatePool(probe.model.config, 4, store=store)
+    engine = _engine("gru", pool=pool)
+    assert engine.pool is pool and engine.pool.store is store
+    with torch.no_grad():
+        _, h = engine.model(torch.tensor([[5, 6]]))
+    store.put_restored("k", StoredState(h[:, 0], None, seq=0, pos=2, offset=1, partition=0))
+    out = engine.process([Event("k", TOKEN, token=7, offset=2, partition=0, id="0:2")])
+    assert out.predictions[0]["pos"] == 2
+    best = float(_offline(engine, [5, 6, 7])[2].max())
+    assert abs(out.predictions[0]["next"]["probs"][0] - best) <= TOL
+    store.close()

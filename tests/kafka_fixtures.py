@@ -1,8 +1,11 @@
 """Fixtures for tests against a real local Apache Kafka broker (KRaft, one node).
 
-``kafka_broker`` starts one broker per test session in a temporary data dir on free loopback
-ports and yields its bootstrap address; ``topic_factory`` creates uniquely named topics on it.
-Tests that use them are marked ``kafka`` automatically, so ``-m "not kafka"`` skips them.
+A pytest plugin (registered by ``tests/conftest.py``), so that ``tests/integration`` and
+``tests/chaos`` share one session broker. ``kafka_broker`` starts one broker per test session
+in a temporary data dir on free loopback ports and yields its bootstrap address;
+``topic_factory`` creates uniquely named topics on it; ``stream_topics`` and ``worker_factory``
+give a test its own stream topics and worker processes. Tests that use the broker are marked
+``kafka`` automatically, so ``-m "not kafka"`` skips them.
 
 Example::
 
@@ -142,19 +145,24 @@ def stream_topics(kafka_broker: str) -> Iterator[StreamTopicsFactory]:
 def worker_factory(kafka_broker: str, tmp_path: Path) -> Iterator[WorkerFactory]:
     """Worker processes of one test; every one still running afterwards is stopped (or killed)."""
     started: list[WorkerProcess] = []
-    env = {
+    base_env = {
         "STREAM_RNN_WORKER_DIR": str(tmp_path / "workers"),
         "OMP_NUM_THREADS": "1",  # two cores: broker, workers and the test share them
         "STREAM_RNN_STATS_INTERVAL_S": "5",
     }
 
-    def start(model_dir: Path, *args: str, group: str | None = None) -> WorkerProcess:
+    def start(
+        model_dir: Path,
+        *args: str,
+        group: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> WorkerProcess:
         taken = frozenset(w.port for w in started)
         port = find_free_port(exclude=taken)
         log = tmp_path / f"worker-{len(started)}.log"
         argv = ["--model", str(model_dir), "--bootstrap", kafka_broker]
         argv += ["--group", group or unique_name("group"), *args]
-        worker = WorkerProcess(argv, port, log, env)
+        worker = WorkerProcess(argv, port, log, {**base_env, **(env or {})})
         started.append(worker)
         return worker
 

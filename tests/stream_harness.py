@@ -2,7 +2,7 @@
 
 Workers run as real processes (``python -m stream_rnn worker``) against the session broker;
 `WorkerProcess` polls their status endpoint and stops them (SIGTERM, then SIGKILL). The fixtures
-``stream_topics`` and ``worker_factory`` in ``conftest.py`` wrap these with cleanup.
+``stream_topics`` and ``worker_factory`` in ``kafka_fixtures.py`` wrap these with cleanup.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from stream_rnn.train.data import Record, write_records
 from stream_rnn.train.synthetic import generate_split
 from stream_rnn.train.vocab import LabelSet, Vocab
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-5
 WORKER_READY_S = 90.0
 WORKER_STOP_S = 30.0
@@ -219,6 +219,15 @@ class StreamTopicsFactory(Protocol):
 
 
 class WorkerFactory(Protocol):
-    """Starts ``stream-rnn worker --model MODEL --bootstrap ... ARGS`` as a subprocess."""
+    """Starts ``stream-rnn worker --model MODEL --bootstrap ... ARGS`` as a subprocess.
 
-    def __call__(self, model_dir: Path, *args: str, group: str | None = None) -> WorkerProcess: ...
+    ``env`` adds to (and overrides) the fixture's environment, e.g. ``STREAM_RNN_*`` settings.
+    """
+
+    def __call__(
+        self,
+        model_dir: Path,
+        *args: str,
+        group: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> WorkerProcess: ...
