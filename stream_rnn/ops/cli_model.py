@@ -11,20 +11,13 @@ import click
 from rich.console import Console
 
 from stream_rnn.model.config import CELLS
+from stream_rnn.ops.cli_options import data_option, device_option, model_option
 from stream_rnn.ops.settings import get_settings
 
 console = Console(stderr=True, soft_wrap=True)
 
 TASK_CHOICE = click.Choice(["next-token", "classify", "tag", "seq2seq"])
 CELL_CHOICE = click.Choice(list(CELLS))
-
-
-def _device_option(f: Any) -> Any:
-    return click.option(
-        "--device",
-        default=None,
-        help="cpu, cuda, cuda:N or auto (default: $STREAM_RNN_DEVICE or cpu)",
-    )(f)
 
 
 @click.command("train")
@@ -152,7 +145,7 @@ def _device_option(f: Any) -> Any:
     type=click.Path(file_okay=False),
     help="checkpoint directory (best epoch kept)",
 )
-@_device_option
+@device_option
 def train_cmd(**kw: Any) -> None:
     """Train a model with BPTT (or truncated BPTT) and teacher forcing; keep the best checkpoint."""
     from stream_rnn.ops.progress import RichTrainProgress
@@ -208,13 +201,8 @@ def train_cmd(**kw: Any) -> None:
 
 
 @click.command("score")
-@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False))
-@click.option(
-    "--data",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False),
-    help="JSONL (sequences or event log)",
-)
+@model_option
+@data_option
 @click.option(
     "--out",
     "out_path",
@@ -226,7 +214,7 @@ def train_cmd(**kw: Any) -> None:
     "--top-k", type=int, default=5, show_default=True, help="next-token candidates per position"
 )
 @click.option("--batch-size", type=int, default=64, show_default=True)
-@_device_option
+@device_option
 def score_cmd(
     model_dir: str, data: str, out_path: str, top_k: int, batch_size: int, device: str | None
 ) -> None:
@@ -246,7 +234,7 @@ def score_cmd(
 
 
 @click.command("generate")
-@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False))
+@model_option
 @click.option("--prompt", default="", help="text (split like the training data) to continue")
 @click.option("-n", "--n", "n", type=int, default=80, show_default=True, help="tokens to generate")
 @click.option("--greedy", is_flag=True, help="argmax instead of sampling")
@@ -259,7 +247,7 @@ def score_cmd(
     help="sample from the k most likely (0 = all)",
 )
 @click.option("--seed", type=int, default=None, help="make sampling reproducible")
-@_device_option
+@device_option
 def generate_cmd(
     model_dir: str,
     prompt: str,
@@ -350,7 +338,7 @@ def grad_report_cmd(
 
 
 @click.command("info")
-@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False))
+@model_option
 def info_cmd(model_dir: str) -> None:
     """Verify a checkpoint and print its manifest (version, config, metrics)."""
     from stream_rnn.registry.checkpoint import load_checkpoint

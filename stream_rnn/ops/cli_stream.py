@@ -22,19 +22,15 @@ from typing import Any
 import click
 from rich.console import Console
 
+from stream_rnn.ops.cli_options import data_option, model_option
 from stream_rnn.ops.settings import Settings, get_settings
 
 console = Console(stderr=True, soft_wrap=True)
 
 
 @click.command("simulate")
-@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False))
-@click.option(
-    "--data",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False),
-    help="JSONL (sequences or event log)",
-)
+@model_option
+@data_option
 @click.option(
     "--out",
     "out_path",
@@ -112,7 +108,7 @@ def _topic_settings(**topics: str | None) -> Settings:
 
 
 @click.command("worker")
-@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False))
+@model_option
 @_bootstrap_option
 @click.option("--device", default=None, help="cpu, cuda, cuda:N or auto (default: settings)")
 @click.option("--group", default=None, help="consumer group = faust app id (default: settings)")
