@@ -7,8 +7,10 @@ random over the keys, a tokens topic of 4 partitions, CPU; random weights saved 
 * worker   — one ``stream-rnn worker`` process drains a pre-produced backlog of ``--tokens``
              token events (the sustained maximum): rate = tokens / (last prediction's ``ts`` -
              first prediction's ``ts``), read back from the predictions topic;
-* take     — faust alone: an agent iterating ``take_events(max_batch, max_wait)`` like the
-             worker but doing nothing (``faust_naive_agent.py --mode empty-take``);
+* queue    — faust alone: an agent taking micro-batches from its channel queue with
+             ``take_batches`` exactly as the worker does, but doing nothing with them
+             (``faust_naive_agent.py --mode empty-queue``): the most one faust worker can drain;
+* take     — the same with faust's ``take_events(max_batch, max_wait)`` (``--mode empty-take``);
 * events   — faust alone, one event at a time, doing nothing (``--mode empty-events``);
 * ceiling  — a plain aiokafka consumer in this process: ``getmany`` batches, ``decode_batch``
              and ``decode_key`` on every message; no faust, no model;
@@ -660,7 +662,11 @@ def run(
         worker.stop()
 
     if cfg.faust_refs:
-        for mode, row in (("empty-take", "take"), ("empty-events", "events")):
+        for mode, row in (
+            ("empty-queue", "queue"),
+            ("empty-take", "take"),
+            ("empty-events", "events"),
+        ):
             rows[row] = measure_agent(mode, bootstrap, backlog, cfg.tokens, cfg, workdir)
             log(f"faust {mode}: {rows[row]['rate']:,.0f} messages/s")
 
@@ -687,8 +693,8 @@ def run(
         "worker/ceiling": worker_rate / rows["ceiling"]["rate"],
         "worker/naive": worker_rate / rows["naive"]["rate"],
     }
-    if "take" in rows:
-        results["ratios"]["worker/faust take_events"] = worker_rate / rows["take"]["rate"]
+    if "queue" in rows:
+        results["ratios"]["worker/empty faust agent"] = worker_rate / rows["queue"]["rate"]
     results["loadavg_end"] = os.getloadavg()
     results["seconds"] = time.monotonic() - started
     return results
@@ -705,6 +711,7 @@ def report(results: dict[str, Any]) -> str:
     ]
     names = {
         "worker": "stream-rnn worker (backlog drain)",
+        "queue": "faust agent, worker's take_batches, empty",
         "take": "faust take_events, empty agent",
         "events": "faust stream.events(), empty agent",
         "direct": "aiokafka + Adapter/Engine + sender, no faust",

@@ -7,9 +7,10 @@ the same network with batch 1 under ``torch.inference_mode``; top-5 next tokens;
 ``await topic.send(...)`` per prediction. It writes the predictions topic like the worker
 (``ts`` = emit time, ``latency_s`` from the token's ``ts``), so it is timed the same way.
 
-``--mode empty-events`` / ``--mode empty-take`` do nothing per message (``stream.events()``
-one by one, or ``stream.take_events(max_batch, within)`` as the worker iterates): the cost of
-faust's own consumer path. They time themselves, first to ``--expect``-th message, and write
+``--mode empty-events`` / ``--mode empty-take`` / ``--mode empty-queue`` do nothing per message
+(``stream.events()`` one by one, ``stream.take_events(max_batch, within)``, or
+``take_batches(stream.channel.queue, max_batch, max_wait)`` as the worker iterates): the cost
+of faust's own consumer path. They time themselves, first to ``--expect``-th message, and write
 ``{"count", "first", "last", "cpu_first", "cpu_last"}`` (``time.time()``,
 ``time.process_time()``) to ``--done-file``.
 
@@ -33,9 +34,10 @@ import faust
 import torch
 
 from stream_rnn.registry.checkpoint import load_checkpoint
+from stream_rnn.stream.batches import take_batches
 from stream_rnn.train.vocab import Vocab
 
-MODES = ("naive", "empty-events", "empty-take")
+MODES = ("naive", "empty-events", "empty-take", "empty-queue")
 
 
 def build_app(args: argparse.Namespace) -> faust.App:
@@ -127,6 +129,10 @@ def _empty_agent(app: faust.App, tokens: Any, args: argparse.Namespace) -> None:
         if args.mode == "empty-events":
             async for _event in stream.events():
                 count(1)
+        elif args.mode == "empty-queue":
+            queue = stream.channel.queue
+            async for events in take_batches(queue, args.max_batch, args.max_wait):
+                count(len(events))
         else:
             async for events in stream.take_events(args.max_batch, within=args.max_wait):
                 count(len(events))

@@ -30,7 +30,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from stream_rnn.engine.diskstore import DiskStateStore
 from stream_rnn.engine.engine import Engine
@@ -40,6 +40,13 @@ from stream_rnn.stream.state import EncodedState, StateWriter, read_partition
 
 log = logging.getLogger("stream_rnn.worker")
 T = TypeVar("T")
+
+
+class Snapshot(NamedTuple):
+    """States taken for a checkpoint, per source partition, and when they were taken."""
+
+    by_partition: dict[int, list[tuple[str, StoredState]]]
+    taken: float
 
 
 class DurableState:
@@ -141,10 +148,34 @@ class DurableState:
         async with self._lock:
             return await self._checkpoint(partitions)
 
+    async def snapshot(self) -> Snapshot:
+        """Take every changed state now (marking them clean), to `write` later.
+
+        The worker takes it while no micro-batch runs, together with the offsets it covers,
+        and writes it while the next micro-batches run (see `StreamWorker.commit_point`).
+        """
+        async with self._lock:
+            return await self._take(None)
+
+    async def write(self, snapshot: Snapshot) -> int:
+        """Write a `snapshot` durably (as `checkpoint` does); returns how many states."""
+        async with self._lock:
+            return await self._write(snapshot)
+
     async def _checkpoint(self, partitions: Iterable[int] | None) -> int:
-        started = time.monotonic()
         wanted = set(partitions) if partitions is not None else None
+        return await self._write(await self._take(wanted))
+
+    async def _take(self, wanted: set[int] | None) -> Snapshot:
+        started = time.monotonic()
         by_part = await self._on_engine(self._collect, wanted)
+        # the next checkpoint is due counting from now (tokens that arrive while this one is
+        # written belong to the next)
+        self._last, self._tokens = time.monotonic(), 0
+        return Snapshot(by_part, started)
+
+    async def _write(self, snapshot: Snapshot) -> int:
+        by_part, started = snapshot
         written = 0
         before = self.writer.bytes
         todo = sorted(by_part.items())
@@ -158,13 +189,11 @@ class DurableState:
             for partition, states in todo:
                 self._keep_for_retry(partition, states)
             raise
-        self._last = time.monotonic()
-        self._tokens = 0
         s = self.sensor
         s.checkpoints += 1
         s.checkpoint_records += written
         s.checkpoint_bytes += self.writer.bytes - before
-        s.checkpoint_seconds += self._last - started
+        s.checkpoint_seconds += time.monotonic() - started
         return written
 
     def _keep_for_retry(self, partition: int, states: list[tuple[str, StoredState]]) -> None:

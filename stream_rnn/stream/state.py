@@ -74,6 +74,8 @@ class StateWriter:
             self.bytes += len(value)
             if batch.append(key=key.encode("utf-8"), value=value, timestamp=None) is None:
                 futures.append(await producer.send_batch(batch, self.topic, partition=partition))
+                # a checkpoint runs beside the micro-batches: let them in between broker batches
+                await asyncio.sleep(0)
                 batch = producer.create_batch()
                 if batch.append(key=key.encode("utf-8"), value=value, timestamp=None) is None:
                     raise StateError(

@@ -1,6 +1,6 @@
 """The stream worker: a faust-streaming app with one agent on the tokens topic.
 
-Per micro-batch (``noack_take(max_batch, within=max_wait_s)``): raw records -> `Adapter`
+Per micro-batch (``take_batches(channel queue, max_batch, max_wait_s)``): raw records -> `Adapter`
 (decode, validate, dead-letter) -> `Engine.process` (one batched step per phase) -> encoded
 predictions and dead letters -> `OutputSender` (one broker batch per partition, acks=all). A
 micro-batch's offsets are committed only at the next checkpoint after its outputs are on the
@@ -48,7 +48,8 @@ from stream_rnn.engine.pool import StatePool
 from stream_rnn.ops.settings import Settings
 from stream_rnn.registry.checkpoint import load_checkpoint
 from stream_rnn.stream.adapter import Adapter, CountingSensor, Outputs, RawRecord
-from stream_rnn.stream.durable import DurableState
+from stream_rnn.stream.batches import EventQueue, take_batches
+from stream_rnn.stream.durable import DurableState, Snapshot
 from stream_rnn.stream.exceptions import StreamError
 from stream_rnn.stream.sender import OutputSender
 from stream_rnn.stream.state import StateWriter
@@ -187,6 +188,8 @@ class StreamWorker:
         # The consumer group generation now (build_app points this at faust's): events fetched
         # in an earlier one are stale copies, see handle().
         self.generation: Callable[[], int | None] = lambda: None
+        # The checkpoint being written in the background, if any (see commit_point).
+        self._checkpointing: asyncio.Task[None] | None = None
         self._last_expire = time.monotonic()
         self._last_stats = (time.monotonic(), 0)
 
@@ -230,24 +233,55 @@ class StreamWorker:
     async def commit_point(self, *, force: bool = False) -> None:
         """ACK POINT: commit the processed micro-batches' offsets once their states are durable.
 
-        With checkpoints off, a batch is committed as soon as its outputs are on the broker. A
-        checkpoint that fails commits nothing; its states are written by the next one, and a
-        commit that fails is tried again with the next.
+        The changed states and the offsets of the micro-batches they hold are taken together,
+        between two micro-batches; the states are then written (acks=all) and the offsets
+        committed in the background while the next micro-batches run, one checkpoint at a
+        time. ``force`` (revocation, shutdown) waits for the one in flight, then takes and
+        writes a last one before it returns. With checkpoints off, a batch is committed as soon
+        as its outputs are on the broker. A checkpoint that fails commits nothing; its states
+        are written by the next one, and a commit that fails is tried again with the next.
         """
+        if self._checkpointing is not None:
+            if not force and not self._checkpointing.done():
+                return
+            await asyncio.wait([self._checkpointing])  # its failure was logged there
+            self._checkpointing = None
         async with self._batch_lock:
-            if self.durable.enabled:
+            if not self.durable.enabled:
+                offsets, self.uncommitted = self.uncommitted, {}
+                snapshot = None
+            else:
                 if not (force or self.durable.due()):
                     return
-                await self.durable.checkpoint()
-            if not self.uncommitted:
-                return
-            offsets, self.uncommitted = self.uncommitted, {}
-            done = False
-            try:
+                snapshot = await self.durable.snapshot()
+                offsets, self.uncommitted = self.uncommitted, {}
+        if force or snapshot is None:
+            await self._write_and_commit(snapshot, offsets)
+        else:
+            self._checkpointing = asyncio.create_task(
+                self._checkpoint_in_background(snapshot, offsets)
+            )
+
+    async def _checkpoint_in_background(self, snapshot: Snapshot, offsets: dict[int, int]) -> None:
+        try:
+            await self._write_and_commit(snapshot, offsets)
+        except (KafkaError, StreamError) as err:
+            log.warning("checkpoint failed (%r); retrying at the next commit point", err)
+        except Exception:  # noqa: BLE001 - nothing was committed; the next checkpoint retries
+            log.exception("checkpoint failed; retrying at the next commit point")
+
+    async def _write_and_commit(self, snapshot: Snapshot | None, offsets: dict[int, int]) -> None:
+        done = False
+        try:
+            if snapshot is not None:
+                await self.durable.write(snapshot)
+            if offsets:
                 done = await self.commit_offsets(offsets)
-            finally:
-                if not done:  # keep them (a newer offset of a partition supersedes its old one)
-                    self.uncommitted = {**offsets, **self.uncommitted}
+            else:
+                done = True
+        finally:
+            if not done:  # keep them (a newer offset of a partition supersedes its old one)
+                self.uncommitted = {**offsets, **self.uncommitted}
 
     async def deliver(self, out: Outputs, *, backoff_s: float = 1.0) -> None:
         """Send the outputs; retry the whole set (duplicates are fine: readers dedupe by id).
@@ -392,13 +426,12 @@ def build_app(opts: WorkerOptions, worker: StreamWorker | None = None) -> faust.
     async def process_tokens(stream: StreamT[bytes]) -> None:
         await worker.sender.start()
         await worker.writer.start()
-        # noack_take, not take_events: take_events acks every event of a batch as soon as the
-        # body returns (even with noack); the offsets are committed at commit_point.
-        batches = cast(faust.Stream[bytes], cast(faust.Stream[bytes], stream).noack())
-        # noack_take yields the events themselves (typed as values)
-        async for events in batches.noack_take(opts.max_batch, within=opts.max_wait_s):
+        # Micro-batches taken from the agent's channel queue in bulk (see stream/batches.py):
+        # nothing is acked (acks are off for the topic); offsets are committed at commit_point.
+        queue: EventQueue[EventT] = cast(Any, stream).channel.queue
+        async for events in take_batches(queue, opts.max_batch, opts.max_wait_s):
             try:
-                await worker.handle(cast(Sequence[EventT], events))
+                await worker.handle(events)
             except Exception as err:  # noqa: BLE001 - any failure here is fatal, see below
                 # The batch's effect may be in the pool while its outputs are not all on the
                 # broker (OutputsLost, or a bug): a later checkpoint would make that effect

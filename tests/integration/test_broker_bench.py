@@ -42,7 +42,7 @@ def test_every_path_of_the_broker_benchmark_measures(kafka_broker: str, tmp_path
     results = bench.run(kafka_broker, cfg, tmp_path, log=lambda _line: None)
 
     rows = results["rows"]
-    assert set(rows) == {"worker", "ceiling", "direct", "take", "events", "naive"}
+    assert set(rows) == {"worker", "ceiling", "direct", "queue", "take", "events", "naive"}
     for name, row in rows.items():
         want = cfg.naive_tokens if name == "naive" else cfg.tokens
         assert row["tokens"] >= want, (name, row)
