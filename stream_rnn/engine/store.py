@@ -7,6 +7,7 @@ states in process memory. Durable stores (a compacted Kafka topic) implement the
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -101,6 +102,38 @@ def encode_state(state: StoredState) -> bytes:
     if state.c is not None:
         parts.append(state.c.contiguous().view(torch.uint8).numpy().tobytes())
     return b"".join(parts)
+
+
+def encode_states(states: Sequence[StoredState]) -> list[bytes]:
+    """``[encode_state(s) for s in states]``, byte for byte, with one tensor copy for all.
+
+    A checkpoint encodes every changed key at once; per key, the copy of a strided ``(L, H)``
+    view and its conversion to bytes cost more than the rest of the record.
+    """
+    if not states:
+        return []
+    first = states[0]
+    lstm = first.c is not None
+    if any(
+        s.h.shape != first.h.shape or s.h.dtype != first.h.dtype or (s.c is not None) != lstm
+        for s in states
+    ):
+        return [encode_state(s) for s in states]
+    tensors = [torch.stack([s.h for s in states])]
+    if lstm:
+        tensors.append(torch.stack([s.c for s in states if s.c is not None]))
+    # (N, L, H) (twice for LSTM) -> N rows of raw bytes, h then c, as encode_state writes them
+    raw = torch.cat([t.reshape(len(states), -1) for t in tensors], 1).view(torch.uint8).numpy()
+    # The header's constant part, exactly as orjson writes it in encode_state; only the four
+    # counters vary per key (bytes %-formatting is ~4x faster than a dict through orjson).
+    tail = orjson.dumps(
+        {"shape": list(first.h.shape), "dtype": _NAMES[first.h.dtype], "lstm": lstm}
+    )
+    template = b'{"f":%d,"seq":%d,"pos":%d,"offset":%d,"partition":%d,' + tail[1:] + b"\n"
+    return [
+        template % (FORMAT, s.seq, s.pos, s.offset, s.partition) + raw[i].tobytes()
+        for i, s in enumerate(states)
+    ]
 
 
 def decode_position(value: bytes) -> tuple[int, int]:

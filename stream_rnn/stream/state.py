@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from stream_rnn.engine.store import StoredState, decode_position, decode_state, encode_state
+from stream_rnn.engine.store import StoredState, decode_position, decode_state, encode_states
 from stream_rnn.stream.exceptions import StreamError
 
 
@@ -69,8 +69,8 @@ class StateWriter:
         # as much as the rest of a checkpoint.
         futures = []
         batch = producer.create_batch()
-        for key, state in states:
-            value = encode_state(state)
+        values = encode_states([state for _, state in states])
+        for (key, _), value in zip(states, values, strict=True):
             self.bytes += len(value)
             if batch.append(key=key.encode("utf-8"), value=value, timestamp=None) is None:
                 futures.append(await producer.send_batch(batch, self.topic, partition=partition))
