@@ -395,6 +395,10 @@ def build_app(opts: WorkerOptions, worker: StreamWorker | None = None) -> faust.
         web_host="127.0.0.1",
         web_bind="127.0.0.1",
         consumer_auto_offset_reset="earliest",
+        # No faust tables (states live in our state topic), so no standby replicas: with the
+        # default of 1, faust's assignor keeps members at ceil(P / members) partitions, and a
+        # third worker joining two on 4 partitions would get none.
+        table_standby_replicas=0,
         stream_buffer_maxsize=max(4096, 2 * opts.max_batch),
         producer_acks=-1,
         # How long a killed worker keeps its partitions: the group moves them only once its

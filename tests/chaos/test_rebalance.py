@@ -1,8 +1,7 @@
 """Rebalance: a third worker joins mid-stream and later leaves; states move with partitions.
 
 Two workers of one group share a 6-partition tokens topic under a steady kafka-python load
-(6, not 4: faust's sticky assignor moves partitions only off members above ceil(P/members), so
-with 4 partitions a third member would get none).
+(each holds 3; with the third, 2 each). tests/integration/test_worker.py covers 3 workers on 4.
 A third joins (every member revokes, checkpoints and releases its partitions; each new owner
 restores its partitions' keys from the state topic before it processes them), takes
 partitions, processes them, and leaves on SIGTERM (a graceful revocation: final checkpoint,

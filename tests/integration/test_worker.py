@@ -101,3 +101,30 @@ def test_two_workers_in_one_group_share_the_partitions(
     assert all(s is not None and s["messages"] > 0 for s in done), done  # both did work
     assert sum(s["predictions"] for s in done if s) == total
     assert first.stop() == 0 and second.stop() == 0
+
+
+def test_a_third_worker_gets_partitions_of_a_four_partition_topic(
+    tmp_path: Path,
+    stream_topics: StreamTopicsFactory,
+    worker_factory: WorkerFactory,
+) -> None:
+    # Scaling out must work with fewer partitions than twice the workers: every member of the
+    # group holds some, and each partition has exactly one owner.
+    model_dir, _, _ = make_model(tmp_path, "next-token", 4, seed=5)
+    topics = stream_topics(partitions=4)
+    args = (*topics.worker_args(), "--max-batch", "32")
+    workers = [worker_factory(model_dir, *args, group="three-workers")]
+    workers[0].wait_until(lambda s: len(s["assigned"]) == 4, "all 4 partitions assigned")
+    for _ in range(2):
+        workers.append(worker_factory(model_dir, *args, group="three-workers"))
+        workers[-1].wait_until(lambda s: bool(s["assigned"]), "partitions assigned")
+
+    def spread(_: object) -> bool:
+        held = [w.status() for w in workers]
+        owned = [p for s in held if s for p in s["assigned"]]
+        return all(s and s["assigned"] for s in held) and sorted(owned) == [0, 1, 2, 3]
+
+    workers[0].wait_until(spread, "each of 3 workers holding partitions, each partition once")
+    shares = sorted(len(s["assigned"]) for s in (w.status() for w in workers) if s)
+    assert shares == [1, 1, 2]
+    assert all(w.stop() == 0 for w in workers)
