@@ -24,6 +24,7 @@ import torch
 
 from stream_rnn.engine.engine import Engine
 from stream_rnn.engine.events import TOKEN, Event
+from stream_rnn.engine.topk import top_k
 from stream_rnn.model import ModelConfig, RecurrentModel
 from stream_rnn.registry.checkpoint import Manifest
 from stream_rnn.train.vocab import Vocab
@@ -74,7 +75,7 @@ def run_naive(model: RecurrentModel, manifest: Manifest, events: list[Event]) ->
         state = states.get(ev.key, zero)
         out, state = model.step(torch.tensor([[ev.token]], device=device), state)
         states[ev.key] = state
-        values, ids = torch.softmax(out[0, 0], -1).topk(5)
+        values, ids = top_k(torch.softmax(out[0, 0], -1), 5)
         out_sink.append((ev, values, ids))
     return len(events) / (time.perf_counter() - started)
 
@@ -88,7 +89,7 @@ def run_ceiling(model: RecurrentModel, n_tokens: int, batch: int) -> float:
     started = time.perf_counter()
     for _ in range(n_tokens // batch):
         out, state = model.step(tokens, state)
-        values, ids = torch.softmax(out[:, 0], -1).topk(5)
+        values, ids = top_k(torch.softmax(out[:, 0], -1), 5)
         ids.cpu(), values.cpu()
     return (n_tokens // batch) * batch / (time.perf_counter() - started)
 

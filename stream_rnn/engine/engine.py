@@ -1,16 +1,17 @@
 """The engine: micro-batches of events in, predictions out, exact per-key state in between.
 
 Per micro-batch: split events into phases so that a key's control events (end, reset,
-generate) see exactly the tokens before them; per phase, group tokens by key with tensor ops
-(stable sort, per-group ranks), gather the keys' states with one indexed read, advance them
-with one batched (packed when a key has several tokens) network step, write them back with
-one indexed write, then run the heads on all tokens at once.
+generate) see exactly the tokens before them; per phase, find the keys' pool slots (one
+C-level dict pass), group tokens by slot with tensor ops (:mod:`~stream_rnn.engine.ragged`),
+gather the keys' states with one indexed read, advance them with one packed network step (no
+padding: the few keys with several tokens take the extra steps), write them back with one
+indexed write, then run the heads on all tokens at once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -18,10 +19,13 @@ from torch import Tensor
 from stream_rnn.engine.events import END, GENERATE, RESET, TOKEN, BatchResult, Event, Rejection
 from stream_rnn.engine.heads import Heads
 from stream_rnn.engine.pool import StatePool
+from stream_rnn.engine.ragged import group_slots, long_tensor, step_ragged
 from stream_rnn.model.generate import continue_from, translate
 from stream_rnn.model.network import RecurrentModel, exact_float32
 from stream_rnn.registry.checkpoint import Manifest
 from stream_rnn.train.vocab import LabelSet, Vocab
+
+_TOKENS_ONLY = {TOKEN}
 
 
 class Engine:
@@ -63,6 +67,8 @@ class Engine:
             if pool is not None
             else StatePool(model.config, capacity, device=self.device, storage=storage, ttl_s=ttl_s)
         )
+        # grouping scratch, one entry per pool slot (see ragged.group_slots)
+        self._scratch = torch.empty(self.pool.capacity, dtype=torch.long)
         self.heads = Heads(model.config.task, self.vocab, self.labels, top_k, running_estimate)
         self.max_output_len = max_output_len
 
@@ -77,7 +83,7 @@ class Engine:
         result = BatchResult()
         if not events:
             return result
-        if all(e.kind == TOKEN for e in events):
+        if {e.kind for e in events} == _TOKENS_ONLY:
             self._tokens(list(events), result)
             return result
         # A key's n-th control event closes its phase n; tokens after it belong to phase n+1.
@@ -101,90 +107,72 @@ class Engine:
 
     # ------------------------------------------------------------------ tokens
     def _tokens(self, events: list[Event], result: BatchResult) -> None:
-        index: dict[str, int] = {}
-        inv_list = [index.setdefault(e.key, len(index)) for e in events]
-        keys = list(index)
-        capacity = self.pool.capacity
-        if len(keys) <= capacity:
-            self._step(events, keys, inv_list, result)
+        keys = [e.key for e in events]
+        # one C-level pass over the pool's key -> slot dict (a dict miss costs more than the
+        # rest of a token's bookkeeping); None: not resident
+        get = self.pool.slot_of.get
+        resident = list(map(get, keys))
+        if None not in resident:  # the usual case: every key is in the pool
+            slots = long_tensor(cast(list[int], resident))
+            self.pool.touch(slots)
+            self._step(events, slots, result)
+            return
+        distinct = list(dict.fromkeys(keys))
+        if len(distinct) <= self.pool.capacity:
+            self.pool.lookup(distinct)  # admits (restores) the absent keys, touches all
+            self._step(events, long_tensor(list(map(self.pool.slot_of.__getitem__, keys))), result)
             return
         # More distinct keys than the pool holds: step them in capacity-sized groups.
-        for start in range(0, len(keys), capacity):
-            chunk = set(range(start, min(start + capacity, len(keys))))
-            sub = [e for e, g in zip(events, inv_list, strict=True) if g in chunk]
-            sub_index: dict[str, int] = {}
-            sub_inv = [sub_index.setdefault(e.key, len(sub_index)) for e in sub]
-            self._step(sub, list(sub_index), sub_inv, result)
+        group_of = {key: i // self.pool.capacity for i, key in enumerate(distinct)}
+        for g in range(-(-len(distinct) // self.pool.capacity)):
+            sub = [e for e in events if group_of[e.key] == g]
+            self._tokens(sub, result)
 
-    def _step(
-        self, events: list[Event], keys: list[str], inv_list: list[int], result: BatchResult
-    ) -> None:
+    def _step(self, events: list[Event], at: Tensor, result: BatchResult) -> None:
+        """Advance resident keys by ``events``; ``at`` (N,): each event's key's pool slot."""
         n = len(events)
-        inv = torch.tensor(inv_list, dtype=torch.long)
-        tokens = torch.tensor([e.token for e in events], dtype=torch.long)
-        counts = torch.bincount(inv, minlength=len(keys))
-        width = int(counts.max())
-        if width == 1:
-            rank = torch.zeros(n, dtype=torch.long)
-            grid = torch.empty((len(keys), 1), dtype=torch.long)
-            grid[inv, 0] = tokens
-            lengths = None
-        else:
-            # rank of each event inside its key's group, keeping arrival order (stable sort)
-            order = torch.sort(inv, stable=True).indices
-            starts = torch.cumsum(counts, 0) - counts
-            rank = torch.empty(n, dtype=torch.long)
-            rank[order] = torch.arange(n) - starts[inv[order]]
-            grid = torch.zeros((len(keys), width), dtype=torch.long)
-            grid[inv, rank] = tokens
-            lengths = counts
-        slots = self.pool.lookup(keys)
-        offsets: Tensor | None = None
+        pool = self.pool
+        offsets = parts = None
         if events[0].offset >= 0:
-            offsets = torch.tensor([e.offset for e in events], dtype=torch.long)
-            parts = torch.tensor([e.partition for e in events], dtype=torch.long)
-            known_part = self.pool.part[slots][inv]
+            offsets = long_tensor([e.offset for e in events])
+            parts = long_tensor([e.partition for e in events])
+            known_part = pool.part.index_select(0, at)
             # Offsets only order events within one partition: a key that shows up on another
             # partition (producers with different partitioners) is never skipped by them.
             other = (known_part >= 0) & (known_part != parts)
-            keep = (offsets < 0) | other | (offsets > self.pool.applied[slots][inv])
+            keep = (offsets < 0) | other | (offsets > pool.applied.index_select(0, at))
             if not bool(keep.all()):
                 # redelivered after a restart: these tokens are already in their key's state
                 kept = [events[i] for i in keep.nonzero().flatten().tolist()]
                 result.skipped += n - len(kept)
                 if kept:
-                    index: dict[str, int] = {}
-                    regrouped = [index.setdefault(e.key, len(index)) for e in kept]
-                    self._step(kept, list(index), regrouped, result)
+                    self._tokens(kept, result)
                 return
-        state = self.pool.gather(slots)
-        feats, new_state = self.model.step_features(grid.to(self.device), state, lengths)
-        self.pool.scatter(slots, new_state)
-        pos = self.pool.pos[slots][inv] + rank
-        seq = self.pool.seq[slots][inv]
-        self.pool.pos[slots] += counts
-        if offsets is not None:
-            self._mark_applied(slots, inv, offsets, [e.partition for e in events])
-        # decoder only on the N real positions, not on the (keys x width) padded grid
-        per_event = feats[inv.to(self.device), rank.to(self.device)]
+        # one packed step: every key's first token straight from the pool, then the few keys
+        # with more; per-event outputs in packed order (the heads put results in event order)
+        slots, groups = group_slots(at, self._scratch)
+        tokens = long_tensor([e.token for e in events]).to(self.device)
+        feats, new_state = step_ragged(self.model, tokens, pool.gather(slots), groups)
+        pool.scatter(slots, new_state)
+        pos, seq = pool.pos.index_select(0, at), pool.seq.index_select(0, at)
+        if groups.rank is None:  # one event per key
+            pool.pos.index_copy_(0, at, pos + 1)
+        else:
+            pos += groups.rank
+            pool.pos.index_add_(0, at, torch.ones(n, dtype=torch.long))
+        if offsets is not None and parts is not None:
+            self._mark_applied(at, offsets, parts)
         if self.model.encoder is None:
-            per_event = self.model.decoder(per_event)
-        block = self.heads.token_block(events, per_event, pos, seq, self.version)
+            feats = self.model.decoder(feats)
+        block = self.heads.token_block(events, feats, pos, seq, self.version, groups.packed)
         if block is not None:
             result.items.append(block)
         result.tokens += n
 
-    def _mark_applied(
-        self, slots: Tensor, inv: Tensor, offsets: Tensor, partitions: list[int]
-    ) -> None:
-        pool = self.pool
-        last = torch.full((len(slots),), -1, dtype=torch.long).scatter_reduce(
-            0, inv, offsets, reduce="amax"
-        )
-        pool.applied[slots] = torch.maximum(pool.applied[slots], last)
-        part = torch.empty(len(slots), dtype=torch.long)
-        part[inv] = torch.tensor(partitions, dtype=torch.long)
-        pool.part[slots] = part
+    def _mark_applied(self, at: Tensor, offsets: Tensor, parts: Tensor) -> None:
+        """Record events' source offsets and partitions at their keys' slots ``at``."""
+        self.pool.applied.scatter_reduce_(0, at, offsets, reduce="amax")
+        self.pool.part[at] = parts
 
     # ------------------------------------------------------------------ controls
     def _controls(self, events: list[Event], result: BatchResult) -> None:
@@ -206,12 +194,7 @@ class Engine:
                 if same_part and ev.offset <= int(self.pool.applied[slot]):
                     result.skipped += 1  # redelivered: already applied
                     continue
-                self._mark_applied(
-                    slots,
-                    torch.zeros(1, dtype=torch.long),
-                    torch.tensor([ev.offset]),
-                    [ev.partition],
-                )
+                self._mark_applied(slots, torch.tensor([ev.offset]), torch.tensor([ev.partition]))
                 self.pool.dirty[slots] = True
             seq = int(self.pool.seq[slot])
             base: dict[str, Any] = {

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from stream_rnn.engine.events import Event
+from stream_rnn.engine.topk import top_k
 from stream_rnn.train.vocab import LabelSet, Vocab
 
 
@@ -30,20 +31,37 @@ class Heads:
         self.running_estimate = running_estimate
 
     def token_block(
-        self, events: list[Event], out: Tensor, pos: Tensor, seq: Tensor, version: str
+        self,
+        events: list[Event],
+        out: Tensor,
+        pos: Tensor,
+        seq: Tensor,
+        version: str,
+        rows: Tensor | None = None,
     ) -> _Block | None:
-        """Per-token outputs of one step as a columnar block (None when the task has none)."""
+        """Per-token outputs of one step as a columnar block (None when the task has none).
+
+        ``rows``: the event of each row of ``out`` when they are not in event order (the few
+        per-token results are put back in order, cheaper than the network outputs)."""
         task = self.task
         if task == "seq2seq" or (task == "classify" and not self.running_estimate):
             return None
         probs = torch.softmax(out.float(), dim=-1)
+        ids: Tensor | None = None
         if task == "next-token":
-            values, ids = probs.topk(min(self.top_k, probs.shape[-1]), dim=-1)
-            return _Block(self, "next", events, pos, seq, version, values.cpu(), ids.cpu())
-        if task == "tag":
+            kind = "next"
+            values, ids = top_k(probs, min(self.top_k, probs.shape[-1]))
+        elif task == "tag":
+            kind = "tag"
             values, ids = probs.max(dim=-1)
-            return _Block(self, "tag", events, pos, seq, version, values.cpu(), ids.cpu())
-        return _Block(self, "estimate", events, pos, seq, version, probs.cpu(), None)
+        else:
+            kind, values = "estimate", probs
+        if rows is not None:
+            rows = rows.to(values.device)
+            values = torch.empty_like(values).index_copy_(0, rows, values)
+            ids = None if ids is None else torch.empty_like(ids).index_copy_(0, rows, ids)
+        ids = None if ids is None else ids.cpu()
+        return _Block(self, kind, events, pos, seq, version, values.cpu(), ids)
 
     def label(self, logits: Tensor) -> dict[str, Any]:
         probs = torch.softmax(logits.float(), dim=-1).tolist()

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from stream_rnn.engine.exceptions import PoolError
+from stream_rnn.engine.ragged import long_tensor
 from stream_rnn.engine.store import MemoryStateStore, StateStore, StoredState
 from stream_rnn.model.config import ModelConfig
 from stream_rnn.model.network import State
@@ -117,18 +118,23 @@ class StatePool:
         slots = [get(key, -1) for key in keys]
         if -1 in slots:
             missing = [i for i, slot in enumerate(slots) if slot < 0]
-            hits = torch.tensor([s for s in slots if s >= 0], dtype=torch.long)
+            hits = long_tensor([s for s in slots if s >= 0])
             # pin the keys already resident so making room never evicts one of them
             self.last_tick[hits] = self._tick
             shortfall = len(missing) - len(self._free)
             if shortfall > 0:
                 self._evict_lru(shortfall)
-            for i in missing:
-                slots[i] = self._admit(keys[i])
-        idx = torch.tensor(slots, dtype=torch.long)
+            self._admit(keys, slots, missing)
+        idx = long_tensor(slots)
         self.last_tick[idx] = self._tick
         self.last_time[idx] = self.clock()
         return idx
+
+    def touch(self, slots: Tensor) -> None:
+        """Mark resident ``slots`` used by a new step (LRU order, TTL), as :meth:`lookup` does."""
+        self._tick += 1
+        self.last_tick[slots] = self._tick
+        self.last_time[slots] = self.clock()
 
     def _evict_lru(self, count: int) -> None:
         ticks = self.last_tick.masked_fill(~self.occupied, torch.iinfo(torch.long).max)
@@ -140,32 +146,47 @@ class StatePool:
             self.evict(key)
             self.evictions += 1
 
-    def _admit(self, key: str) -> int:
-        slot = self._free.pop()
-        saved = self.store.pop(key)
-        if saved is None:
-            self.h[:, slot] = 0
-            if self.c is not None:
-                self.c[:, slot] = 0
-            self.seq[slot] = 0
-            self.pos[slot] = 0
-            self.applied[slot] = -1
-            self.part[slot] = -1
-        else:
-            self.h[:, slot] = saved.h.to(self.device, self.dtype)
-            if self.c is not None and saved.c is not None:
-                self.c[:, slot] = saved.c.to(self.device, self.dtype)
-            self.seq[slot] = saved.seq
-            self.pos[slot] = saved.pos
-            self.applied[slot] = saved.offset
-            self.part[slot] = saved.partition
-            self.restores += 1
-        self.dirty[slot] = False
-        self.slot_of[key] = slot
-        self.key_at[slot] = key
-        self.occupied[slot] = True
-        self.last_tick[slot] = self._tick
-        return slot
+    def _admit(self, keys: Sequence[str], slots: list[int], missing: list[int]) -> None:
+        """Give ``keys[i]`` for i in ``missing`` a free slot (written into ``slots``): restored
+        from the store, or a zero state; the per-slot resets are batched into indexed writes."""
+        fresh: list[int] = []
+        admitted: list[int] = []
+        try:
+            for i in missing:
+                key = keys[i]
+                saved = self.store.pop(key)
+                slot = self._free.pop()
+                if saved is None:
+                    fresh.append(slot)
+                else:
+                    self.h[:, slot] = saved.h.to(self.device, self.dtype)
+                    if self.c is not None and saved.c is not None:
+                        self.c[:, slot] = saved.c.to(self.device, self.dtype)
+                    self.seq[slot] = saved.seq
+                    self.pos[slot] = saved.pos
+                    self.applied[slot] = saved.offset
+                    self.part[slot] = saved.partition
+                    self.restores += 1
+                self.slot_of[key] = slot
+                self.key_at[slot] = key
+                slots[i] = slot
+                admitted.append(slot)
+        finally:  # a store error leaves the keys admitted so far consistent
+            if fresh:
+                idx = long_tensor(fresh)
+                on_device = idx.to(self.device)
+                self.h[:, on_device] = 0
+                if self.c is not None:
+                    self.c[:, on_device] = 0
+                self.seq[idx] = 0
+                self.pos[idx] = 0
+                self.applied[idx] = -1
+                self.part[idx] = -1
+            if admitted:
+                idx = long_tensor(admitted)
+                self.dirty[idx] = False
+                self.occupied[idx] = True
+                self.last_tick[idx] = self._tick
 
     def snapshot(self, key: str) -> StoredState:
         """A CPU copy of a resident key's state and counters."""
@@ -270,10 +291,10 @@ class StatePool:
         if isinstance(state, tuple):
             if self.c is None:
                 raise PoolError("an (h, c) LSTM state was written to a non-LSTM pool")
-            self.h[:, idx] = state[0].to(self.dtype)
-            self.c[:, idx] = state[1].to(self.dtype)
+            self.h.index_copy_(1, idx, state[0].to(self.dtype))
+            self.c.index_copy_(1, idx, state[1].to(self.dtype))
         else:
-            self.h[:, idx] = state.to(self.dtype)
+            self.h.index_copy_(1, idx, state.to(self.dtype))
         self.dirty[slots] = True
 
     def clear(self, slots: Tensor) -> None:

@@ -234,17 +234,13 @@ class RecurrentModel(nn.Module):
     ) -> tuple[Tensor, State]:
         """Like :meth:`step` but returns the top layer's outputs (B, T, H), before the decoder.
 
-        Rows of different lengths are advanced column by column: at column t only the rows
-        with more than t tokens take a one-token step. Each call is the fused single-step
+        Rows of different lengths are advanced column by column: column 0 steps every row
+        straight from ``state``, column t >= 1 steps only the rows with more than t tokens
+        (indexed in and out; padded outputs stay zero). Each call is the fused single-step
         kernel; on CPU this beats a packed pass by far for the typical micro-batch (most keys
         one token, a few keys several).
         """
-        self.check_streamable()
-        emb_layer, rnn = (
-            (self.encoder.embedding, self.encoder.rnn)
-            if self.encoder is not None
-            else (self.embedding, self.rnn)
-        )
+        emb_layer, rnn = self.stream_modules()
         batch, steps = tokens.shape
         if state is None:
             state = self.init_state(batch, tokens.device)
@@ -256,35 +252,25 @@ class RecurrentModel(nn.Module):
                 f"step(): every key must be advanced by 1..{steps} tokens (at least one token), "
                 f"got lengths {lengths.tolist()}"
             )
+        emb = emb_layer(tokens)
         if bool((lengths == steps).all()):
-            return rnn(emb_layer(tokens), state)
-        # Sort rows by length (longest first) so the rows still active at column t are a prefix.
-        order = torch.argsort(lengths, descending=True, stable=True)
-        sorted_len = lengths[order]
-        dev_order = order.to(tokens.device)
-        emb = emb_layer(tokens.index_select(0, dev_order))
-        cur = select_state(state, dev_order)
-        h_all = cur[0] if isinstance(cur, tuple) else cur
-        c_all = cur[1] if isinstance(cur, tuple) else None
-        h_all, c_all = h_all.clone(), c_all.clone() if c_all is not None else None
-        out = emb.new_zeros((batch, steps, self.config.hidden_size))
-        active_counts = (sorted_len.view(1, -1) > torch.arange(steps).view(-1, 1)).sum(1).tolist()
-        for t, n in enumerate(active_counts):
-            s: State = (h_all[:, :n], c_all[:, :n]) if c_all is not None else h_all[:, :n]
-            o, new = rnn(emb[:n, t : t + 1], s)
-            out[:n, t] = o[:, 0]
-            if isinstance(new, tuple) and c_all is not None:
-                h_all[:, :n], c_all[:, :n] = new
-            else:
-                h_all[:, :n] = new
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(batch)
-        dev_inv = inverse.to(tokens.device)
-        out = out.index_select(0, dev_inv)
-        h_all = h_all.index_select(1, dev_inv)
-        if c_all is not None:
-            return out, (h_all, c_all.index_select(1, dev_inv))
-        return out, h_all
+            return rnn(emb, state)
+        first, state = rnn(emb[:, :1], state)
+        out = first.new_zeros((batch, steps, first.shape[-1]))
+        out[:, 0] = first[:, 0]
+        for t in range(1, int(lengths.max())):
+            rows = (lengths > t).nonzero().flatten().to(tokens.device)
+            o, new = rnn(emb[rows, t : t + 1], select_state(state, rows))
+            out[rows, t] = o[:, 0]
+            put_state(state, rows, new)
+        return out, state
+
+    def stream_modules(self) -> tuple[nn.Embedding, nn.RNNBase]:
+        """The embedding and RNN that streaming advances (the encoder's for seq2seq)."""
+        self.check_streamable()
+        if self.encoder is not None:
+            return self.encoder.embedding, self.encoder.rnn
+        return self.embedding, self.rnn
 
     @torch.inference_mode()
     def head(self, state: State) -> Tensor:
@@ -316,3 +302,14 @@ def select_state(state: State, index: Tensor) -> State:
     if isinstance(state, tuple):
         return state[0].index_select(1, index), state[1].index_select(1, index)
     return state.index_select(1, index)
+
+
+def put_state(state: State, index: Tensor, rows: State) -> None:
+    """Write ``rows`` into ``state`` at batch positions ``index``, in place."""
+    if isinstance(state, tuple) and isinstance(rows, tuple):
+        state[0].index_copy_(1, index, rows[0])
+        state[1].index_copy_(1, index, rows[1])
+    elif isinstance(state, Tensor) and isinstance(rows, Tensor):
+        state.index_copy_(1, index, rows)
+    else:
+        raise TypeError("put_state: state and rows must both be tensors or both (h, c) pairs")
