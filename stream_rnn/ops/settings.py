@@ -59,6 +59,11 @@ class Settings(BaseSettings):
     checkpoint_every: int = Field(
         50_000, ge=1, description="...and after this many tokens since the last one"
     )
+    engine_thread: bool = Field(
+        False,
+        description="run the engine on a thread of its own instead of the event loop's "
+        "(slower on CPU: see stream_rnn/stream/executor.py)",
+    )
     session_timeout_s: float = Field(
         60.0,
         ge=6,

@@ -35,13 +35,18 @@ class EventQueue(Protocol[T_co]):
 
 
 async def take_batches(
-    queue: EventQueue[T], max_batch: int, max_wait_s: float, *, clock: Any = None
+    queue: EventQueue[T],
+    max_batch: int,
+    max_wait_s: float,
+    *,
+    poll_s: float = 0.002,
+    clock: Any = None,
 ) -> AsyncIterator[list[T]]:
     """Yield lists of 1..``max_batch`` queued items, in queue order, forever.
 
     A batch starts with the next item (waiting as long as it takes), then takes whatever is
-    already queued; if that leaves it short of ``max_batch``, it waits for more until
-    ``max_wait_s`` after its first item and yields what it has. ``max_wait_s`` 0 yields what
+    already queued; if that leaves it short of ``max_batch``, it looks again every ``poll_s``
+    until ``max_wait_s`` after its first item and yields what it has. ``max_wait_s`` 0 yields what
     was queued at once. Errors thrown into a faust queue surface from ``get``/``get_nowait``.
     """
     if max_batch < 1:
@@ -61,9 +66,7 @@ async def take_batches(
             remaining = deadline - now()
             if remaining <= 0:
                 break
-            try:
-                # only when the queue ran dry: at full load the loop above fills the batch
-                batch.append(await asyncio.wait_for(queue.get(), remaining))
-            except TimeoutError:
-                break
+            # The queue ran dry: look again shortly. Waiting on get() instead would cost a task
+            # and a wake-up per message while the consumer refills the queue one by one.
+            await asyncio.sleep(min(remaining, poll_s))
         yield batch

@@ -31,7 +31,6 @@ import os
 import shutil
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -51,6 +50,7 @@ from stream_rnn.stream.adapter import Adapter, CountingSensor, Outputs, RawRecor
 from stream_rnn.stream.batches import EventQueue, take_batches
 from stream_rnn.stream.durable import DurableState, Snapshot
 from stream_rnn.stream.exceptions import StreamError
+from stream_rnn.stream.executor import engine_executor
 from stream_rnn.stream.sender import OutputSender
 from stream_rnn.stream.state import StateWriter
 from stream_rnn.stream.status import StatusServer
@@ -95,6 +95,7 @@ class WorkerOptions:
     stats_interval_s: float = 10.0
     checkpoint_interval_s: float = 2.0
     checkpoint_every: int = 50_000
+    engine_thread: bool = False
     session_timeout_s: float = 60.0
     web_port: int | None = None
     worker_dir: Path = Path("/tmp/stream-rnn-worker")  # noqa: S108 - overridden by settings
@@ -129,8 +130,9 @@ class WorkerOptions:
 class StreamWorker:
     """The engine, adapter and sender of one process, and the micro-batch handler.
 
-    The engine runs on one dedicated thread: every call that touches the state pool (process,
-    expire) is serialised on it, and the event loop stays free for heartbeats and fetches.
+    Every call that touches the state pool (process, expire, checkpoint snapshots, restores)
+    goes through one executor: the event loop's own thread by default, or a dedicated thread
+    (``engine_thread``); see `stream_rnn.stream.executor`.
     """
 
     def __init__(self, opts: WorkerOptions) -> None:
@@ -161,7 +163,7 @@ class StreamWorker:
         )
         self.sender = OutputSender(opts.bootstrap, client_id=f"{opts.group}-{os.getpid()}")
         self.assigned: list[int] = []
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._executor = engine_executor(opts.engine_thread)
         self.writer = StateWriter(opts.bootstrap, state_topic(opts.tokens_topic))
         self.durable = DurableState(
             self.engine,
