@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
@@ -40,7 +40,6 @@ async def take_batches(
     max_wait_s: float,
     *,
     poll_s: float = 0.002,
-    clock: Any = None,
 ) -> AsyncIterator[list[T]]:
     """Yield lists of 1..``max_batch`` queued items, in queue order, forever.
 
@@ -53,7 +52,7 @@ async def take_batches(
         raise ValueError(f"max_batch must be at least 1, got {max_batch}")
     if max_wait_s < 0:
         raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
-    now = clock or asyncio.get_running_loop().time
+    now = asyncio.get_running_loop().time
     while True:
         batch = [await queue.get()]
         deadline = now() + max_wait_s

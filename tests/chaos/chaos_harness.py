@@ -202,6 +202,13 @@ class ChaosWorkers:
         self.started.append(worker)
         return worker
 
+    def start_assigned(self, n: int) -> list[WorkerProcess]:
+        """``n`` more workers of the group, returned once each holds partitions."""
+        workers = [self.start() for _ in range(n)]
+        for w in workers:
+            w.wait_until(lambda s: bool(s["assigned"]), "partitions assigned")
+        return workers
+
 
 ChaosWorkersFactory = Callable[..., ChaosWorkers]
 """``chaos_workers(model_dir, topics, group, *args, env=None)`` (the fixture)."""

@@ -12,12 +12,12 @@ reconnect by themselves. Either way the final states and predictions must be exa
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from chaos_harness import ChaosWorkersFactory, TokenLoad, verify_exact, wait_consumed
+from kafka_fixtures import unique_name
 from stream_harness import StreamTopicsFactory, WorkerProcess
 
 from stream_rnn.ops.kafka_local import LocalKafka
@@ -40,11 +40,9 @@ def test_workers_ride_out_a_broker_restart(
 ) -> None:
     started = time.monotonic()
     topics = stream_topics(partitions=4)
-    group = f"broker-restart-{random.getrandbits(32):08x}"
+    group = unique_name("broker-restart")
     pool = chaos_workers(gru_model, topics, group, "--max-batch", "256")
-    workers: list[WorkerProcess] = [pool.start(), pool.start()]
-    for w in workers:
-        w.wait_until(lambda s: bool(s["assigned"]), "partitions assigned")
+    workers: list[WorkerProcess] = pool.start_assigned(2)
 
     keys = [f"device-{i:04d}" for i in range(N_KEYS)]
     load = TokenLoad(kafka_broker, topics.tokens, keys, n=N_TOKENS, rate=RATE, seed=3)

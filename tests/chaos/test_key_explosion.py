@@ -29,6 +29,7 @@ from chaos_harness import (
     verify_exact,
     wait_consumed,
 )
+from kafka_fixtures import unique_name
 from stream_harness import StreamTopicsFactory, WorkerProcess
 
 CAPACITY = 1_000
@@ -56,7 +57,7 @@ def test_evicted_keys_return_exactly_and_memory_stays_bounded(
     started = time.monotonic()
     model_dir = tiny_model(tmp_path, cell="lstm", layers=2, hidden=256, embed=16)
     topics = stream_topics(partitions=4)
-    group = f"keys-{random.getrandbits(32):08x}"
+    group = unique_name("keys")
     pool = chaos_workers(model_dir, topics, group, "--capacity", str(CAPACITY))
     worker = pool.start("--max-batch", "512")
     worker.wait_until(lambda s: len(s["assigned"]) == 4, "all 4 partitions assigned")

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from chaos_harness import ChaosWorkersFactory, TokenLoad, verify_exact, wait_consumed
+from kafka_fixtures import unique_name
 from stream_harness import StreamTopicsFactory, WorkerProcess
 
 N_KEYS = 240
@@ -35,11 +36,9 @@ def test_kill_loop_keeps_every_state_exact(
 ) -> None:
     started = time.monotonic()
     topics = stream_topics(partitions=4)
-    group = f"kill-loop-{random.getrandbits(32):08x}"
+    group = unique_name("kill-loop")
     pool = chaos_workers(gru_model, topics, group, "--max-batch", "256")
-    workers: list[WorkerProcess] = [pool.start(), pool.start()]
-    for w in workers:
-        w.wait_until(lambda s: bool(s["assigned"]), "partitions assigned")
+    workers: list[WorkerProcess] = pool.start_assigned(2)
 
     rng = random.Random(4)
     keys = [f"user-{i:04d}" for i in range(N_KEYS)]

@@ -10,12 +10,12 @@ then its partitions and their states move back). Afterwards the topics must show
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from chaos_harness import ChaosWorkersFactory, TokenLoad, verify_exact, wait_consumed
+from kafka_fixtures import unique_name
 from stream_harness import StreamTopicsFactory
 
 N_KEYS = 200
@@ -34,11 +34,9 @@ def test_states_follow_partitions_when_a_worker_joins_and_leaves(
 ) -> None:
     started = time.monotonic()
     topics = stream_topics(partitions=6)
-    group = f"rebalance-{random.getrandbits(32):08x}"
+    group = unique_name("rebalance")
     pool = chaos_workers(gru_model, topics, group, "--max-batch", "256")
-    first, second = pool.start(), pool.start()
-    for w in (first, second):
-        w.wait_until(lambda s: bool(s["assigned"]), "partitions assigned")
+    first, second = pool.start_assigned(2)
 
     keys = [f"session-{i:04d}" for i in range(N_KEYS)]
     load = TokenLoad(kafka_broker, topics.tokens, keys, n=N_TOKENS, rate=RATE, seed=2)

@@ -28,6 +28,7 @@ from chaos_harness import (
     wait_consumed,
 )
 from kafka import KafkaConsumer, TopicPartition
+from kafka_fixtures import unique_name
 from stream_harness import StreamTopicsFactory
 
 N_KEYS = 100_000
@@ -44,7 +45,7 @@ def test_a_new_worker_takes_over_100k_keys_quickly(
 ) -> None:
     started = time.monotonic()
     topics = stream_topics(partitions=4)
-    group = f"recovery-{random.getrandbits(32):08x}"
+    group = unique_name("recovery")
     pool = chaos_workers(gru_model, topics, group)
     first = pool.start()
     first.wait_until(lambda s: len(s["assigned"]) == 4, "all 4 partitions assigned")

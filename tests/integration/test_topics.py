@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterator
 
 import pytest
 from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
+from kafka_fixtures import unique_name
 
 from stream_rnn.ops.settings import Settings
 from stream_rnn.stream.topics import TopicError, ensure_topics, partition_counts
@@ -17,10 +17,6 @@ def admin(kafka_broker: str) -> Iterator[KafkaAdminClient]:
     client = KafkaAdminClient(bootstrap_servers=kafka_broker, client_id="tests-topics")
     yield client
     client.close()
-
-
-def unique_name(prefix: str) -> str:
-    return f"{prefix}-{secrets.token_hex(4)}"
 
 
 def _settings() -> Settings:
