@@ -4,6 +4,11 @@ Every event is validated exactly as the worker validates it before it is sent, s
 bug raises `Rejected` here instead of filling the dead-letter topic. The message key is the
 sequence key (UTF-8); events of one key keep their order because they share a partition.
 
+Delivery: the Kafka producer is idempotent with ``acks="all"`` and retries for up to
+``delivery_timeout_ms`` (120 s), so a broker restart neither loses, doubles nor reorders
+events. An event the broker still did not take is never dropped silently: it is counted in
+``failed``, the next `TokenProducer.send` raises `StreamError`, and so do `flush` and `close`.
+
 Example::
 
     from stream_rnn.producer import TokenProducer
@@ -13,18 +18,19 @@ Example::
             producer.send_token("user-1", ch)
         producer.send_end("user-1")
         producer.send_generate("user-2", 20, temperature=0.8, seed=7)
-    # leaving the block flushes and closes
+    # leaving the block flushes and closes; it raises StreamError if any event was lost
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from kafka import KafkaProducer
-from kafka.errors import KafkaError
+from kafka.errors import KafkaConfigurationError, KafkaError
 
 from stream_rnn.stream.codec import encode_event
 from stream_rnn.stream.exceptions import StreamError
@@ -33,14 +39,65 @@ from stream_rnn.train.data import Record, records_to_events
 from stream_rnn.train.vocab import Level
 
 Now = Literal["now"]
-FLUSH_TIMEOUT_S = 60.0
+DELIVERY_TIMEOUT_MS = 120_000
+# flush() waits a little longer than the delivery timeout: by then every event has either been
+# acknowledged or failed, so a flush with the default timeout ends with a definite answer.
+FLUSH_MARGIN_S = 10.0
+CLOSE_TIMEOUT_S = 5.0  # after a flush there is nothing left to wait for but the sender thread
+
+_log = logging.getLogger(__name__)
+
+
+class DeliveryFuture(Protocol):
+    """The part of kafka-python's ``FutureRecordMetadata`` that `TokenProducer` uses."""
+
+    def add_callback(self, f: Callable[[Any], object]) -> object: ...
+
+    def add_errback(self, f: Callable[[BaseException], object]) -> object: ...
+
+
+class ProducerClient(Protocol):
+    """The part of kafka-python's ``KafkaProducer`` that `TokenProducer` uses (tests fake it)."""
+
+    def send(
+        self, topic: str, value: bytes | None = None, key: bytes | None = None
+    ) -> DeliveryFuture: ...
+
+    def flush(self, timeout: float | None = None) -> None: ...
+
+    def close(self, timeout: float | None = None) -> None: ...
+
+
+ClientFactory = Callable[..., ProducerClient]
 
 
 class TokenProducer:
-    """Sends token and control events for sequence keys (acks=all, batched with a linger).
+    """Sends token and control events for sequence keys; no event is lost without an error.
 
     ``ts`` defaults to the send time (the worker reports ``latency_s`` from it); pass a number
     to replay recorded times, or None to send no timestamp.
+
+    The Kafka client is idempotent, ``acks="all"``, with at most 5 requests in flight per
+    connection and unbounded retries within ``delivery_timeout_ms`` (120 s): a key's events
+    arrive once and in order through broker restarts. ``**config`` (kafka-python
+    ``KafkaProducer`` options) overrides any of these; a setting that contradicts idempotence
+    raises `StreamError` unless ``enable_idempotence=False`` is passed too.
+    ``client_factory`` builds the client from those keyword options (tests pass a fake).
+
+    Failures: each send registers a callback and an errback; ``sent``, ``acked`` and
+    ``failed`` count the events (``pending`` is the rest). Once an event has failed, `send`
+    raises `StreamError` instead of sending more into a topic that does not take them (the
+    failure is seen as soon as the client reports it, at the latest at the next `flush`);
+    `flush` and `close` raise it too, naming how many failed and the first error.
+
+    Example::
+
+        producer = TokenProducer("127.0.0.1:9092", "stream-rnn.tokens", max_block_ms=10_000)
+        try:
+            producer.send_token("user-1", "a")
+        finally:
+            producer.close()  # raises StreamError if an event failed: "1 of 1 events sent to ..."
+        print(producer.sent, producer.acked, producer.failed)
     """
 
     def __init__(
@@ -49,31 +106,76 @@ class TokenProducer:
         topic: str = "stream-rnn.tokens",
         *,
         linger_ms: int = 5,
+        client_factory: ClientFactory = KafkaProducer,
         **config: Any,
     ) -> None:
         self.topic = topic
+        self.bootstrap = bootstrap
+        options: dict[str, Any] = {
+            "bootstrap_servers": bootstrap,
+            "client_id": "stream-rnn-producer",
+            "enable_idempotence": True,
+            "acks": "all",
+            # retries stay at the library default (unbounded): delivery_timeout_ms bounds them.
+            "delivery_timeout_ms": DELIVERY_TIMEOUT_MS,
+            "max_in_flight_requests_per_connection": 5,  # idempotence keeps order up to 5
+            # Reconnect within a second of a broker coming back, not up to 30 s later.
+            "reconnect_backoff_max_ms": 1000,
+            "linger_ms": linger_ms,
+            "batch_size": 256 * 1024,
+            **config,
+        }
+        self.flush_timeout_s = options["delivery_timeout_ms"] / 1000 + FLUSH_MARGIN_S
         try:
-            self._producer = KafkaProducer(
-                bootstrap_servers=bootstrap,
-                acks="all",
-                linger_ms=linger_ms,
-                batch_size=256 * 1024,
-                client_id="stream-rnn-producer",
-                **config,
-            )
+            self._client = client_factory(**options)
+        except KafkaConfigurationError as err:
+            raise StreamError(
+                f"invalid producer settings ({err}); idempotence needs acks='all', retries > 0 "
+                "and max_in_flight_requests_per_connection <= 5: drop the conflicting option "
+                "or pass enable_idempotence=False as well"
+            ) from err
         except KafkaError as err:
             raise StreamError(
                 f"cannot reach Kafka at {bootstrap} ({err}); start a broker (stream-rnn kafka "
                 "up) or pass --bootstrap HOST:PORT"
             ) from err
+        # `sent` is written by the sending thread, `acked`/`failed` by the client's I/O thread
+        # (one writer each, so plain ints suffice).
         self.sent = 0
+        self.acked = 0
+        self.failed = 0
+        self.first_error: BaseException | None = None
+        self._closed = False
+
+    @property
+    def pending(self) -> int:
+        """Events sent but neither acknowledged nor failed yet."""
+        return self.sent - self.acked - self.failed
 
     def send(self, key: str, event: Event) -> None:
-        """Validate, encode and send one event for ``key`` (asynchronous; see `flush`)."""
+        """Validate, encode and send one event for ``key`` (asynchronous; see `flush`).
+
+        Raises:
+            ValueError, Rejected: the key or the event is invalid (nothing was sent).
+            StreamError: an earlier event failed, the producer is closed, or the client
+                could not take the event (e.g. no metadata for the topic within max_block_ms).
+        """
         if not isinstance(key, str) or not key:
             raise ValueError(f"the sequence key must be a non-empty string, got {key!r:.40}")
-        self._producer.send(self.topic, value=encode_event(event), key=key.encode("utf-8"))
-        self.sent += 1
+        if self._closed:
+            raise StreamError(f"this producer for {self.topic!r} is closed; create a new one")
+        self._raise_if_failed()
+        value = encode_event(event)
+        try:
+            future = self._client.send(self.topic, value=value, key=key.encode("utf-8"))
+        except KafkaError as err:
+            raise StreamError(
+                f"could not send an event for key {key!r:.40} to {self.topic!r} at "
+                f"{self.bootstrap} ({err}); check that the broker is up and the topic exists"
+            ) from err
+        self.sent += 1  # before the errback, which runs at once on an already failed future
+        future.add_callback(self._on_ack)
+        future.add_errback(self._on_error)
 
     def send_token(self, key: str, token: str | int, ts: float | None | Now = "now") -> None:
         """One token: a string is looked up in the model's vocabulary, an int is a token id."""
@@ -101,20 +203,57 @@ class TokenProducer:
         """Ask a next-token model to continue the key's sequence by ``n`` tokens."""
         self.send(key, GenerateEvent(n, temperature, top_k, greedy, seed, _ts(ts)))
 
-    def flush(self, timeout_s: float = FLUSH_TIMEOUT_S) -> None:
-        """Block until every event sent so far is acknowledged by the broker."""
+    def flush(self, timeout_s: float | None = None) -> None:
+        """Block until every event sent so far is acknowledged or has failed.
+
+        ``timeout_s`` defaults to ``flush_timeout_s`` (the delivery timeout plus a margin).
+
+        Raises:
+            StreamError: some events were not acknowledged in time, or any event sent by
+                this producer so far failed (failures stay reported: flush raises again).
+        """
+        timeout = self.flush_timeout_s if timeout_s is None else timeout_s
         try:
-            self._producer.flush(timeout=timeout_s)
+            self._client.flush(timeout=timeout)
         except KafkaError as err:
             raise StreamError(
-                f"{self.sent} events were sent but not all were acknowledged within "
-                f"{timeout_s:.0f}s ({err}); check the broker and the topic {self.topic!r}"
+                f"{self.pending} of {self.sent} events sent to {self.topic!r} were not "
+                f"acknowledged within {timeout:.0f}s ({err}); {self.failed} failed. Check the "
+                f"broker at {self.bootstrap} and the topic, then send those events again"
             ) from err
+        self._raise_if_failed()
 
-    def close(self, timeout_s: float = FLUSH_TIMEOUT_S) -> None:
-        """Flush, then disconnect."""
-        self.flush(timeout_s)
-        self._producer.close(timeout=timeout_s)
+    def close(self, timeout_s: float | None = None) -> None:
+        """Flush, then disconnect (always); raises as `flush` does. A second call does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.flush(timeout_s)
+        finally:
+            try:
+                self._client.close(timeout=CLOSE_TIMEOUT_S)
+            except KafkaError as err:  # the flush above already said what was lost
+                _log.warning("closing the Kafka producer for %r: %s", self.topic, err)
+
+    def _on_ack(self, _metadata: object) -> None:
+        self.acked += 1
+
+    def _on_error(self, err: BaseException) -> None:
+        self.failed += 1
+        if self.first_error is None:
+            self.first_error = err
+            # once: a broker outage can fail thousands of events, each counted in `failed`
+            _log.error("an event to %r was not delivered: %r", self.topic, err)
+
+    def _raise_if_failed(self) -> None:
+        if self.failed:
+            raise StreamError(
+                f"{self.failed} of {self.sent} events sent to {self.topic!r} failed (first "
+                f"error: {self.first_error!r}); they are not in the topic. Check the broker at "
+                f"{self.bootstrap} and the topic, then send the sequences again from a new "
+                "producer (the worker may have seen a key's events only in part)"
+            )
 
     def __enter__(self) -> TokenProducer:
         return self
@@ -125,7 +264,14 @@ class TokenProducer:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close()
+        if exc is None:
+            self.close()
+            return
+        try:  # keep the exception that left the block; the delivery report goes to the log
+            self.close()
+        except StreamError as err:
+            if str(err) != str(exc):  # not the very report that is already propagating
+                _log.error("while handling %r: %s", exc, err)
 
 
 class TokenBucket:

@@ -90,12 +90,16 @@ def topic_factory(kafka_broker: str) -> Iterator[TopicFactory]:
     try:
         yield create
     finally:
+        admin.close()
         if created:
+            # a fresh client: the test may have restarted the broker under the first one
+            cleaner = KafkaAdminClient(bootstrap_servers=kafka_broker, client_id="tests-cleanup")
             try:
-                admin.delete_topics(created, timeout_ms=10_000)
+                cleaner.delete_topics(created, timeout_ms=10_000)
             except KafkaError as error:  # cleanup only; the test result stands
                 warnings.warn(f"could not delete test topics {created}: {error}", stacklevel=1)
-        admin.close()
+            finally:
+                cleaner.close()
 
 
 def _wait_for_leaders(admin: KafkaAdminClient, topic: str, partitions: int) -> None:
