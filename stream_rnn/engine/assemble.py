@@ -1,7 +1,13 @@
 """From per-event predictions back to one line per sequence, in the ``score`` format.
 
-Streamed (``collect``) and simulated predictions are grouped by ``(key, seq)`` and ordered by
-``pos``, so they can be diffed line by line against ``stream-rnn score``.
+Streamed (``collect``) and simulated predictions are split into sequences per key and ordered
+by position, so they can be diffed line by line against ``stream-rnn score``.
+
+A key's ``seq`` field cannot tell its sequences apart: ``end`` deletes the key's state, so
+every sequence after an ``end`` is ``seq`` 0 again. Sequences are therefore told apart by the
+source order of the events: a prediction's ``id`` is ``partition:offset`` of the event that
+caused it, and a sequence is closed by the prediction of its ``end`` (types ``end``, ``label``,
+``translation``) or ``reset``.
 """
 
 from __future__ import annotations
@@ -10,30 +16,81 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
+# prediction types that close their key's current sequence
+CLOSING = frozenset({"end", "label", "translation", "reset"})
+
 
 def assemble(
     predictions: Iterable[dict[str, Any]], task: str
 ) -> dict[tuple[str, int], dict[str, Any]]:
-    """Group predictions into score-format lines keyed by ``(key, seq)``.
+    """Group predictions into score-format lines keyed by ``(key, n)``, n = the sequence's
+    index among its key's sequences (0, 1, ...).
 
-    next-token: every ``next`` prediction of the sequence in ``pos`` order; tag: every ``tag``;
-    classify: the ``label`` at ``end``; seq2seq: the ``translation`` at ``end``. Duplicates
-    (same ``id`` and ``type``) are dropped, as a reader of an at-least-once stream must.
+    Duplicates (same ``id`` and ``type``) are dropped, as a reader of an at-least-once stream
+    must. Per key, predictions are put in source order, ``(partition, offset)`` from their
+    ``id``, and split after each ``end`` / ``label`` / ``translation`` / ``reset``; the n-th
+    sequence is line ``(key, n)``. Within a sequence: next-token, every ``next`` prediction in
+    ``pos`` order; tag, every ``tag``; classify, the ``label`` at ``end``; seq2seq, the
+    ``translation`` at ``end``. A sequence without one (e.g. closed by a ``reset`` before any
+    token) has no line, but keeps its number.
+
+    Fallback: a key with any ``id`` that is not two integers ``partition:offset`` (hand-made
+    predictions) is grouped by its ``seq`` field, ordered by ``pos``, as before sequences
+    could restart at ``seq`` 0; there, sequences separated by an ``end`` merge into one line.
     """
     seen: set[tuple[str, str]] = set()
-    per_seq: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    per_key: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for p in predictions:
         ident = (p["id"], p["type"])
         if ident in seen:
             continue
         seen.add(ident)
-        per_seq[(p["key"], p["seq"])].append(p)
+        per_key[p["key"]].append(p)
     lines: dict[tuple[str, int], dict[str, Any]] = {}
-    for (key, seq), preds in per_seq.items():
-        line = _line(key, preds, task)
-        if line is not None:
-            lines[(key, seq)] = line
+    for key, preds in per_key.items():
+        for n, seq_preds in _sequences(preds):
+            line = _line(key, seq_preds, task)
+            if line is not None:
+                lines[(key, n)] = line
     return lines
+
+
+def _source(ident: object) -> tuple[int, int] | None:
+    """``(partition, offset)`` of a prediction id ``"partition:offset"``; None if it is not."""
+    if not isinstance(ident, str):
+        return None
+    part, sep, offset = ident.partition(":")
+    if not sep:
+        return None
+    try:
+        return int(part), int(offset)
+    except ValueError:
+        return None
+
+
+def _sequences(preds: list[dict[str, Any]]) -> list[tuple[int, list[dict[str, Any]]]]:
+    """One key's predictions split into ``(n, predictions of its n-th sequence)``."""
+    sources: list[tuple[int, int]] = []
+    for p in preds:
+        source = _source(p["id"])
+        if source is None:
+            by_seq: dict[int, list[dict[str, Any]]] = defaultdict(list)
+            for q in preds:
+                by_seq[q["seq"]].append(q)
+            return sorted(by_seq.items(), key=lambda item: item[0])
+        sources.append(source)
+    order = sorted(range(len(preds)), key=sources.__getitem__)  # stable: ties keep input order
+    out: list[tuple[int, list[dict[str, Any]]]] = []
+    current: list[dict[str, Any]] = []
+    for i in order:
+        p = preds[i]
+        current.append(p)
+        if p["type"] in CLOSING:
+            out.append((len(out), current))
+            current = []
+    if current:  # the key's open sequence (no end yet)
+        out.append((len(out), current))
+    return out
 
 
 def _line(key: str, preds: list[dict[str, Any]], task: str) -> dict[str, Any] | None:

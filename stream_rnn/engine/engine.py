@@ -46,6 +46,7 @@ class Engine:
         *,
         capacity: int = 100_000,
         ttl_s: float | None = None,
+        retention_s: float | None = None,
         storage: str = "float32",
         running_estimate: bool = False,
         top_k: int = 5,
@@ -65,7 +66,14 @@ class Engine:
         self.pool = (
             pool
             if pool is not None
-            else StatePool(model.config, capacity, device=self.device, storage=storage, ttl_s=ttl_s)
+            else StatePool(
+                model.config,
+                capacity,
+                device=self.device,
+                storage=storage,
+                ttl_s=ttl_s,
+                retention_s=retention_s,
+            )
         )
         # grouping scratch, one entry per pool slot (see ragged.group_slots)
         self._scratch = torch.empty(self.pool.capacity, dtype=torch.long)
@@ -176,14 +184,23 @@ class Engine:
 
     # ------------------------------------------------------------------ controls
     def _controls(self, events: list[Event], result: BatchResult) -> None:
+        """Apply control events in order.
+
+        ``reset`` starts a new sequence on the same state record (zeros, ``pos`` 0, ``seq`` + 1).
+        ``end`` emits the sequence's result and then deletes the key (:meth:`StatePool.delete`:
+        a tombstone at the next checkpoint); its next token starts a new state with ``seq`` 0.
+        A redelivered control event is recognised by the key's applied offset, so a redelivered
+        ``end`` finds no state and is rejected as ``unknown_key``; under the exactly-once
+        guarantee that cannot happen, as the tombstone and the consumed offset commit together.
+        """
         for ev in events:
             if not self.pool.known(ev.key):
                 result.rejections.append(
                     Rejection(
                         ev,
                         "unknown_key",
-                        f"{_kind(ev)} for key {ev.key!r}, which has no state (no token seen, "
-                        "or it was ended and expired); send tokens for the key first",
+                        f"{_kind(ev)} for key {ev.key!r}, which has no state (no token seen "
+                        "since it was created, ended or retired); send tokens for the key first",
                     )
                 )
                 continue
@@ -217,12 +234,12 @@ class Engine:
                             ev,
                             "unknown_key",
                             f"end for key {ev.key!r} with no open "
-                            "sequence (no token since its last end or reset)",
+                            "sequence (no token since its last reset)",
                         )
                     )
                     continue
                 payload = self._end_payload(slots, n_tokens)
-                self.pool.clear(slots)
+                self.pool.delete(ev.key)  # the state's life ends with its sequence
                 result.items.append({**base, **payload})
             elif ev.kind == GENERATE:
                 payload_or_error = self._generate(ev, slots)

@@ -6,12 +6,17 @@ assignment. A key→slot dict and an LRU order make admission, TTL expiry and ca
 O(1) per key. Evicted states go to a :class:`~stream_rnn.engine.store.StateStore` and come
 back bit for bit when their key returns (in float32 storage; float16/bfloat16 storage halves
 memory at the price of rounding).
+
+Eviction is not deletion: an evicted key lives on in the store. :meth:`StatePool.delete` (a
+sequence's ``end``) and :meth:`StatePool.retire` (the retention TTL) forget a key everywhere and
+record it, so that the checkpointer writes a tombstone for it (:meth:`StatePool.take_deleted`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 
 import torch
 from torch import Tensor
@@ -30,10 +35,19 @@ class StatePool:
 
     Example::
 
-        pool = StatePool(cfg, capacity=10_000, ttl_s=3600)
+        pool = StatePool(cfg, capacity=10_000, ttl_s=3600, retention_s=7 * 86400)
         slots = pool.lookup(["user-1", "user-2"])
         state = pool.gather(slots)          # (L, 2, H) float32
         pool.scatter(slots, new_state)
+        pool.delete("user-2")               # its sequence ended
+        pool.retire()                       # keys idle for a week are deleted too
+        tombstones = pool.take_deleted(partition=0)
+
+    ``ttl_s`` moves keys idle that long from memory to the store (they come back exactly);
+    ``retention_s`` deletes keys idle that long, in memory and in the store. Idle time of
+    resident keys is measured with ``clock`` (monotonic by default), that of stored keys in
+    wall-clock time (``time.time()``), which the store keeps across restarts; a key leaving
+    memory takes its wall-clock last use along (now minus its idle time by ``clock``).
     """
 
     def __init__(
@@ -46,6 +60,7 @@ class StatePool:
         ttl_s: float | None = None,
         store: StateStore | None = None,
         clock: Callable[[], float] = time.monotonic,
+        retention_s: float | None = None,
     ) -> None:
         if capacity < 1:
             raise PoolError(f"pool capacity must be >= 1 key, got {capacity}")
@@ -55,11 +70,22 @@ class StatePool:
             )
         if ttl_s is not None and ttl_s <= 0:
             raise PoolError(f"state TTL must be > 0 seconds (or None for no expiry), got {ttl_s}")
+        if retention_s is not None and retention_s <= 0:
+            raise PoolError(
+                f"state retention must be > 0 seconds (or None to keep idle keys), got {retention_s}"
+            )
+        if retention_s is not None and ttl_s is not None and retention_s < ttl_s:
+            raise PoolError(
+                f"state retention {retention_s} s is shorter than the memory TTL {ttl_s} s: "
+                "retention shorter than the memory TTL would delete keys before they could be "
+                "evicted; set the retention >= the TTL (or no TTL)"
+            )
         self.config = config
         self.capacity = capacity
         self.device = torch.device(device)
         self.dtype = STORAGE_DTYPES[storage]
         self.ttl_s = ttl_s
+        self.retention_s = retention_s
         self.store: StateStore = store if store is not None else MemoryStateStore()
         self.clock = clock
         shape = (config.num_layers, capacity, config.hidden_size)
@@ -81,9 +107,13 @@ class StatePool:
         self.last_time = torch.zeros(capacity, dtype=torch.float64)
         self.occupied = torch.zeros(capacity, dtype=torch.bool)
         self._free = list(range(capacity - 1, -1, -1))
+        # deleted key -> (source partition, applied offset), until taken for tombstones
+        self._deleted: dict[str, tuple[int, int]] = {}
         self.evictions = 0
         self.expirations = 0
         self.restores = 0
+        self.deletions = 0
+        self.retirements = 0
 
     # ------------------------------------------------------------------ membership
     def __len__(self) -> int:
@@ -151,13 +181,17 @@ class StatePool:
         from the store, or a zero state; the per-slot resets are batched into indexed writes."""
         fresh: list[int] = []
         admitted: list[int] = []
+        revived: list[tuple[int, tuple[int, int]]] = []
         try:
             for i in missing:
                 key = keys[i]
                 saved = self.store.pop(key)
                 slot = self._free.pop()
+                deleted_from = self._deleted.pop(key, None)
                 if saved is None:
                     fresh.append(slot)
+                    if deleted_from is not None and deleted_from[0] >= 0:
+                        revived.append((slot, deleted_from))
                 else:
                     self.h[:, slot] = saved.h.to(self.device, self.dtype)
                     if self.c is not None and saved.c is not None:
@@ -187,6 +221,15 @@ class StatePool:
                 self.dirty[idx] = False
                 self.occupied[idx] = True
                 self.last_tick[idx] = self._tick
+            # A key deleted since the last checkpoint that starts again needs no tombstone: its
+            # new state record supersedes the old one. So that it does even if no token reaches
+            # it before the next checkpoint, the new state is dirty and takes the partition and
+            # offset that deleted the old one (restores keep the highest offset; the key's
+            # events up to that offset belong to the ended state and stay skipped).
+            for slot, (partition, offset) in revived:
+                self.part[slot] = partition
+                self.applied[slot] = offset
+                self.dirty[slot] = True
 
     def snapshot(self, key: str) -> StoredState:
         """A CPU copy of a resident key's state and counters."""
@@ -202,11 +245,17 @@ class StatePool:
 
     def evict(self, key: str) -> None:
         """Move a resident key's state to the store and free its slot."""
-        self.store.put(key, self.snapshot(key))
-        slot = self.slot_of.pop(key)
-        self.dirty[slot] = False
+        slot = self.slot_of[key]
+        idle = max(0.0, self.clock() - float(self.last_time[slot]))
+        self.store.put(key, self.snapshot(key), last_used=time.time() - idle)
+        self._release(key, slot)
+
+    def _release(self, key: str, slot: int) -> None:
+        """Free a resident key's slot (its state is left wherever the caller put it)."""
+        del self.slot_of[key]
         self.key_at[slot] = None
         self.occupied[slot] = False
+        self.dirty[slot] = False
         self._free.append(slot)
 
     def expire(self, now: float | None = None) -> int:
@@ -255,26 +304,99 @@ class StatePool:
         return out
 
     def discard(self, key: str) -> None:
-        """Forget a resident key's state without storing it (a newer copy replaces it)."""
-        slot = self.slot_of.pop(key)
-        self.key_at[slot] = None
-        self.occupied[slot] = False
-        self.dirty[slot] = False
-        self._free.append(slot)
+        """Forget a resident key's state without storing it (a newer copy replaces it).
+
+        Not a deletion: nothing is recorded for a tombstone (see :meth:`delete`).
+        """
+        self._release(key, self.slot_of[key])
 
     def drop_partition(self, partition: int) -> int:
-        """Forget every resident key of a source partition (after a final checkpoint, when the
-        partition moves to another worker); returns how many were dropped."""
+        """Forget every resident key of a source partition and its pending deletions (after a
+        final checkpoint, when the partition moves to another worker); returns how many
+        resident keys were dropped."""
         slots = (self.occupied & (self.part == partition)).nonzero().flatten().tolist()
         for slot in slots:
             key = self.key_at[slot]
             if key is not None:
-                del self.slot_of[key]
-                self.key_at[slot] = None
-                self.occupied[slot] = False
-                self.dirty[slot] = False
-                self._free.append(slot)
+                self._release(key, slot)
+        for key in [k for k, (p, _) in self._deleted.items() if p == partition]:
+            del self._deleted[key]
         return len(slots)
+
+    # ------------------------------------------------------------------ lifecycle
+    def delete(self, key: str) -> bool:
+        """Forget ``key``'s state everywhere: its slot (nothing stored) and its stored copy,
+        pending checkpoint write included; whether the key had a state.
+
+        The deletion is recorded for :meth:`take_deleted` (the checkpointer writes a tombstone),
+        with the key's source partition. The key's next token starts a new state: zeros,
+        ``pos`` 0, ``seq`` 0.
+        """
+        slot = self.slot_of.get(key)
+        if slot is not None:
+            where = (int(self.part[slot]), int(self.applied[slot]))
+            self._release(key, slot)
+            self.store.delete(key)  # an older copy may wait there for its checkpoint write
+        else:
+            saved = self.store.pop(key)  # the stored state names its partition and offset
+            self.store.delete(key)  # and its pending checkpoint write, if any
+            if saved is None:
+                return False
+            where = (saved.partition, saved.offset)
+        self._deleted[key] = where
+        self.deletions += 1
+        return True
+
+    def retire(self, now_wall: float | None = None, *, now: float | None = None) -> int:
+        """Delete (as :meth:`delete`) every key idle for ``retention_s`` or longer, resident or
+        stored; returns how many.
+
+        Resident keys are judged by the pool's ``clock`` (``now`` overrides its reading: with
+        an injected clock, in that clock's seconds), stored keys by wall-clock time
+        (``now_wall``, default ``time.time()``).
+        """
+        if self.retention_s is None:
+            return 0
+        limit = (self.clock() if now is None else now) - self.retention_s
+        stale = (self.occupied & (self.last_time <= limit)).nonzero().flatten().tolist()
+        count = 0
+        for slot in stale:
+            key = self.key_at[slot]
+            if key is not None and self.delete(key):
+                count += 1
+        wall = time.time() if now_wall is None else now_wall
+        for key, partition, offset in self.store.delete_idle(wall - self.retention_s):
+            # a resident key's stored row can only be an older copy: the key lives on
+            if key not in self.slot_of:
+                self._deleted[key] = (partition, offset)
+                self.deletions += 1
+                count += 1
+        self.retirements += count
+        return count
+
+    @property
+    def deleted(self) -> Mapping[str, tuple[int, int]]:
+        """Keys deleted and not taken yet: key -> ``(source partition, applied offset)``
+        (read-only view)."""
+        return MappingProxyType(self._deleted)
+
+    def take_deleted(self, partition: int | None = None) -> list[tuple[str, int, int]]:
+        """``(key, source partition, applied offset)`` of the keys deleted since the last call
+        (of one source partition or all), forgetting them: the tombstones a checkpoint writes.
+
+        The offset is the last one applied to the deleted state: for ``end``, the offset of
+        the ``end`` event. A key that never saw a source offset is reported with partition -1
+        (it has no place on the state topic). A key that started again since its deletion is
+        not reported (its new state record supersedes the old one).
+        """
+        if partition is None:
+            out = [(k, p, o) for k, (p, o) in self._deleted.items()]
+            self._deleted.clear()
+            return out
+        out = [(k, p, o) for k, (p, o) in self._deleted.items() if p == partition]
+        for key, _, _ in out:
+            del self._deleted[key]
+        return out
 
     # ------------------------------------------------------------------ tensors
     def gather(self, slots: Tensor) -> State:

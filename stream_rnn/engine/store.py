@@ -1,12 +1,14 @@
 """Where states go when they leave the pool (TTL, capacity) and come back from, exactly.
 
-The pool only needs ``put`` / ``pop`` / ``contains``; :class:`MemoryStateStore` keeps evicted
-states in process memory. Durable stores (a compacted Kafka topic) implement the same protocol.
+The pool needs ``put`` / ``pop`` / ``contains`` for eviction and restore, and ``delete`` /
+``delete_idle`` for the end of a key's life (``end``, retention); :class:`MemoryStateStore`
+keeps evicted states in process memory. Durable stores implement the same protocol.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -42,11 +44,20 @@ class StoredState:
 
 
 class StateStore(Protocol):
-    """Protocol of a store for evicted states."""
+    """Protocol of a store for evicted states.
 
-    def put(self, key: str, state: StoredState) -> None: ...
+    ``last_used`` is the wall-clock time (``time.time()`` seconds) the key was last used, for
+    retention; ``None`` means now. ``delete`` and ``delete_idle`` forget keys for good (the
+    caller records the deletions); ``pop`` hands a state back to the pool.
+    """
+
+    def put(self, key: str, state: StoredState, last_used: float | None = None) -> None: ...
 
     def pop(self, key: str) -> StoredState | None: ...
+
+    def delete(self, key: str) -> bool: ...
+
+    def delete_idle(self, before_wall: float) -> list[tuple[str, int, int]]: ...
 
     def __contains__(self, key: object) -> bool: ...
 
@@ -54,7 +65,7 @@ class StateStore(Protocol):
 
 
 class MemoryStateStore:
-    """Evicted states kept in a dict (CPU tensors).
+    """Evicted states kept in a dict (CPU tensors), with the wall-clock time of their last use.
 
     Example::
 
@@ -63,12 +74,32 @@ class MemoryStateStore:
 
     def __init__(self) -> None:
         self._data: dict[str, StoredState] = {}
+        self._used: dict[str, float] = {}
 
-    def put(self, key: str, state: StoredState) -> None:
+    def put(self, key: str, state: StoredState, last_used: float | None = None) -> None:
         self._data[key] = state
+        self._used[key] = time.time() if last_used is None else last_used
 
     def pop(self, key: str) -> StoredState | None:
+        self._used.pop(key, None)
         return self._data.pop(key, None)
+
+    def delete(self, key: str) -> bool:
+        """Forget ``key``; whether the store held it."""
+        self._used.pop(key, None)
+        return self._data.pop(key, None) is not None
+
+    def delete_idle(self, before_wall: float) -> list[tuple[str, int, int]]:
+        """Forget every key last used at or before ``before_wall``; returns their ``(key,
+        partition, offset)``. One pass over all stored keys (a store for tests and small
+        deployments)."""
+        idle = [key for key, used in self._used.items() if used <= before_wall]
+        out = []
+        for key in idle:
+            del self._used[key]
+            state = self._data.pop(key)
+            out.append((key, state.partition, state.offset))
+        return out
 
     def __contains__(self, key: object) -> bool:
         return key in self._data

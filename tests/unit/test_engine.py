@@ -126,7 +126,7 @@ def test_controls_within_one_batch_keep_per_key_order() -> None:
     by_id = {(p["id"], p["type"]): p for p in result.predictions}
     assert by_id[("0:2", "end")]["n_tokens"] == 2 and by_id[("0:2", "end")]["seq"] == 0
     second = by_id[("0:3", "next")]
-    assert second["seq"] == 1 and second["pos"] == 0
+    assert second["seq"] == 0 and second["pos"] == 0  # end deleted the key: a new state
     fresh = _offline(engine, [7])[0].topk(5)
     assert second["next"]["probs"] == pytest.approx(fresh.values.tolist(), abs=TOL)
     assert by_id[("0:5", "reset")]["seq"] == 1 and by_id[("0:6", "next")]["seq"] == 1
@@ -138,10 +138,13 @@ def test_unknown_keys_and_bad_controls_are_rejected_not_raised() -> None:
     assert [r.reason for r in result.rejections] == ["unknown_key", "unknown_key"]
     assert "no state" in result.rejections[0].detail
     engine.process([Event("k", TOKEN, token=5), Event("k", END)])
-    again = engine.process([Event("k", END, id="0:9")])
+    again = engine.process([Event("k", END, id="0:9")])  # end deleted the key
+    assert again.rejections[0].reason == "unknown_key" and "no state" in again.rejections[0].detail
+    engine.process([Event("k", TOKEN, token=5), Event("k", RESET)])
+    empty = engine.process([Event("k", END, id="0:12")])
     assert (
-        again.rejections[0].reason == "unknown_key"
-        and "no open sequence" in again.rejections[0].detail
+        empty.rejections[0].reason == "unknown_key"
+        and "no open sequence" in empty.rejections[0].detail
     )
     classifier = _engine(task="classify", labels=["x", "y"])
     classifier.process([Event("k", TOKEN, token=5)])
@@ -289,8 +292,11 @@ def test_redelivered_events_are_applied_exactly_once(cell: str) -> None:
         assert (h - ref).abs().max() <= TOL
     again = engine.process([Event("k0", END, id="0:99", offset=99, partition=0)])
     assert again.predictions[0]["type"] == "end"
+    # end deleted k0, so a redelivered end finds no state: rejected, never applied twice
+    # (under exactly-once it cannot come: the tombstone and the offset commit together)
     dup = engine.process([Event("k0", END, id="0:99", offset=99, partition=0)])
-    assert dup.skipped == 1 and not dup.predictions and not dup.rejections
+    assert not dup.predictions and [r.reason for r in dup.rejections] == ["unknown_key"]
+    assert not engine.pool.known("k0")
 
 
 def test_dirty_states_and_partition_drop() -> None:
@@ -348,3 +354,71 @@ def test_an_empty_pool_given_to_the_engine_is_the_one_it_uses(tmp_path) -> None:
     best = float(_offline(engine, [5, 6, 7])[2].max())
     assert abs(out.predictions[0]["next"]["probs"][0] - best) <= TOL
     store.close()
+
+
+def _h(state) -> torch.Tensor:
+    return state[0] if isinstance(state, tuple) else state
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_end_deletes_the_key_and_its_next_token_starts_a_fresh_state(cell: str) -> None:
+    engine = _engine(cell, capacity=2)
+    out = engine.process(
+        _with_offsets([Event("k", TOKEN, token=t) for t in (5, 6, 7)] + [Event("k", END)])
+    )
+    (end,) = [p for p in out.predictions if p["type"] == "end"]
+    assert (end["id"], end["seq"], end["n_tokens"]) == ("0:3", 0, 3)
+    assert not engine.pool.known("k") and len(engine.pool) == 0 and len(engine.pool.store) == 0
+    # a tombstone for the checkpointer: key, source partition, the offset of the end
+    assert engine.pool.take_deleted() == [("k", 0, 3)] and engine.pool.take_deleted() == []
+    again = [
+        Event("k", TOKEN, token=t, id=f"0:{4 + i}", partition=0, offset=4 + i)
+        for i, t in enumerate((8, 9))
+    ]
+    out = engine.process(again)
+    assert [(p["seq"], p["pos"]) for p in out.predictions] == [(0, 0), (0, 1)]
+    for p, row in zip(out.predictions, _offline(engine, [8, 9]), strict=True):
+        assert p["next"]["probs"] == pytest.approx(row.topk(5).values.tolist(), abs=TOL)
+    with torch.no_grad():
+        _, h_n = engine.model(torch.tensor([[8, 9]]))
+    assert (_h(engine.pool.gather(engine.pool.lookup(["k"]))) - _h(h_n)).abs().max() <= TOL
+    slot = engine.pool.slot_of["k"]
+    assert int(engine.pool.seq[slot]) == 0 and int(engine.pool.pos[slot]) == 2
+
+
+def test_end_of_a_stored_key_deletes_its_pending_copy(tmp_path) -> None:
+    from stream_rnn.engine.diskstore import DiskStateStore
+    from stream_rnn.engine.pool import StatePool
+
+    probe = _engine("gru")
+    store = DiskStateStore(tmp_path / "states.db")
+    engine = _engine("gru", pool=StatePool(probe.model.config, 1, store=store))
+    engine.process(_with_offsets([Event("a", TOKEN, token=5), Event("b", TOKEN, token=6)]))
+    assert "a" in store and "a" in store.pending  # evicted by b, waiting for a checkpoint
+    out = engine.process([Event("a", END, id="0:2", partition=0, offset=2)])
+    assert out.predictions[0]["type"] == "end" and out.predictions[0]["n_tokens"] == 1
+    assert not engine.pool.known("a") and "a" not in store.pending
+    assert engine.pool.take_deleted(partition=0) == [("a", 0, 2)]
+    assert [k for k, _ in store.take_pending()] == ["b"]  # b was evicted by a's return
+    store.close()
+
+
+def test_a_key_started_again_before_the_checkpoint_needs_no_tombstone() -> None:
+    engine = _engine("gru")
+    engine.process(
+        _with_offsets([Event("k", TOKEN, token=5), Event("k", END), Event("k", TOKEN, token=6)], 3)
+    )
+    assert engine.pool.take_deleted() == []
+    ((key, state),) = engine.pool.take_dirty(partition=3)
+    assert key == "k" and (state.seq, state.pos, state.offset, state.partition) == (0, 1, 2, 3)
+    with torch.no_grad():
+        _, h_n = engine.model(torch.tensor([[6]]))
+    assert (state.h - h_n[:, 0]).abs().max() <= TOL
+
+
+def test_engine_passes_the_retention_to_its_pool() -> None:
+    from stream_rnn.engine.exceptions import PoolError
+
+    assert _engine(ttl_s=10, retention_s=60).pool.retention_s == 60
+    with pytest.raises(PoolError, match="shorter than the memory TTL"):
+        _engine(ttl_s=60, retention_s=10)
