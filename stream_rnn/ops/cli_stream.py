@@ -127,6 +127,19 @@ def _topic_settings(**topics: str | None) -> Settings:
 @click.option("--running-estimate", is_flag=True, default=None, help="classify: per-token label")
 @click.option("--partitions", type=click.IntRange(min=1), default=None, help="new tokens topic")
 @click.option("--web-port", type=click.IntRange(1, 65535), default=None, help="status endpoint")
+@click.option(
+    "--guarantee",
+    type=click.Choice(["exactly-once", "at-least-once"]),
+    default=None,
+    help="exactly-once (default): outputs, states and offsets in one Kafka transaction per "
+    "partition; at-least-once: lower latency, duplicates (same ids) after a crash",
+)
+@click.option("--commit-interval", type=click.FloatRange(min=0.001), default=None,
+              help="exactly-once: seconds between transaction commits (default 0.1)")  # fmt: skip
+@click.option("--state-retention", type=click.FloatRange(min=0.001), default=None,
+              help="delete a key's state (tombstone) after this many idle seconds")  # fmt: skip
+@click.option("--broker-timeout", type=click.FloatRange(min=1), default=None,
+              help="exit with a message when the broker is unreachable this long (default 120)")  # fmt: skip
 def worker_cmd(model_dir: str, bootstrap: str | None, **kw: Any) -> None:
     """Run one stream worker until SIGTERM/SIGINT (start several with one --group to scale).
 
@@ -144,6 +157,9 @@ def worker_cmd(model_dir: str, bootstrap: str | None, **kw: Any) -> None:
         "max_message_bytes": kw.pop("max_bytes"),
         "ttl_s": kw.pop("ttl"),
         "unknown_token": kw.pop("unknown"),
+        "commit_interval_s": kw.pop("commit_interval"),
+        "state_retention_s": kw.pop("state_retention"),
+        "broker_timeout_s": kw.pop("broker_timeout"),
     }
     opts = WorkerOptions.from_settings(model_dir, settings, bootstrap=bootstrap, **renamed, **kw)
     logging.basicConfig(level=opts.log_level, stream=sys.stderr)
@@ -206,8 +222,17 @@ def produce_cmd(
               help="stop when no new prediction arrived for this many seconds")  # fmt: skip
 @click.option("--max-wait", type=click.FloatRange(min=0.1), default=600.0, show_default=True,
               help="stop after this many seconds in any case")  # fmt: skip
+@click.option("--isolation", type=click.Choice(["read_committed", "read_uncommitted"]),
+              default="read_committed", show_default=True,
+              help="read_committed: only committed transactions (each prediction once under "
+              "exactly-once); read_uncommitted: also open and aborted ones")  # fmt: skip
 def collect_cmd(
-    out_path: str, bootstrap: str | None, topic: str | None, timeout: float, max_wait: float
+    out_path: str,
+    bootstrap: str | None,
+    topic: str | None,
+    timeout: float,
+    max_wait: float,
+    isolation: str,
 ) -> None:
     """Read the predictions topic from the beginning into `score`-format JSONL (by key, seq)."""
     from stream_rnn.stream.collect import read_predictions, to_lines, write_lines
@@ -218,6 +243,7 @@ def collect_cmd(
         settings.predictions_topic,
         timeout_s=timeout,
         max_wait_s=max_wait,
+        isolation=isolation,
     )
     n = write_lines(out_path, to_lines(preds))
     console.print(f"collected {len(preds)} distinct predictions into {n} lines -> {out_path}")

@@ -65,11 +65,36 @@ class Settings(BaseSettings):
         "(slower on CPU: see stream_rnn/stream/executor.py)",
     )
     session_timeout_s: float = Field(
-        60.0,
+        10.0,
         ge=6,
         le=300,
         description="a worker silent this long leaves the group and its partitions move "
         "(Kafka's group.min/max.session.timeout.ms bound it: 6-300 s by default)",
+    )
+    heartbeat_interval_s: float = Field(
+        3.0, gt=0, description="group heartbeats (at most a third of the session timeout)"
+    )
+    guarantee: Literal["exactly-once", "at-least-once"] = Field(
+        "exactly-once",
+        description="exactly-once: predictions, dead letters, states and offsets commit in one "
+        "Kafka transaction per partition; at-least-once: lower latency, duplicates after a crash",
+    )
+    commit_interval_s: float = Field(
+        0.1, gt=0, description="exactly-once: how often the open transactions commit"
+    )
+    state_retention_s: float | None = Field(
+        None, gt=0, description="a key idle this long is deleted (tombstone); None: kept"
+    )
+    broker_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="a worker that cannot reach the broker this long exits with a message",
+    )
+    fault_engine_batch: int | None = Field(
+        None,
+        ge=1,
+        description="fault injection for tests and drills: the engine raises after applying "
+        "this micro-batch (of each worker process); never set it in production",
     )
     worker_dir: Path = Field(
         Path(tempfile.gettempdir()) / "stream-rnn-worker",

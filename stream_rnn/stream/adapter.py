@@ -76,6 +76,10 @@ class CountingSensor:
     checkpoint_seconds: float = 0.0
     restored_keys: int = 0
     restore_seconds: float = 0.0
+    commits: int = 0  # exactly-once: commit rounds (one transaction per partition each)
+    transactions: int = 0
+    commit_failures: int = 0
+    commit_seconds: float = 0.0
 
     def on_batch(self, n_events: int, n_tokens: int, seconds: float) -> None:
         self.batches += 1
@@ -109,6 +113,7 @@ class Decoded:
     events: list[Event]
     dead_letters: list[tuple[bytes | None, bytes]]
     records: dict[str, RawRecord]
+    dead_letter_parts: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -118,6 +123,21 @@ class Outputs:
     predictions: list[tuple[bytes, bytes]]
     dead_letters: list[tuple[bytes | None, bytes]]
     tokens: int = 0
+    # source (tokens) partition of each prediction / dead letter: under exactly-once, an
+    # output goes into the transaction of the partition whose event caused it
+    prediction_parts: list[int] = field(default_factory=list)
+    dead_letter_parts: list[int] = field(default_factory=list)
+
+    def by_source(
+        self,
+    ) -> dict[int, tuple[list[tuple[bytes, bytes]], list[tuple[bytes | None, bytes]]]]:
+        """Predictions and dead letters grouped by source partition, order kept."""
+        out: dict[int, tuple[list[tuple[bytes, bytes]], list[tuple[bytes | None, bytes]]]] = {}
+        for part, msg in zip(self.prediction_parts, self.predictions, strict=True):
+            out.setdefault(part, ([], []))[0].append(msg)
+        for part, dead in zip(self.dead_letter_parts, self.dead_letters, strict=True):
+            out.setdefault(part, ([], []))[1].append(dead)
+        return out
 
 
 class Adapter:
@@ -159,6 +179,7 @@ class Adapter:
         decoded = decode_batch(values, max_bytes=self.max_bytes)
         events: list[Event] = []
         dead: list[tuple[bytes | None, bytes]] = []
+        dead_parts: list[int] = []
         by_id: dict[str, RawRecord] = {}
         stoi, vocab, unknown = self.vocab.stoi, self.vocab, self.unknown
         now = self.clock()
@@ -184,26 +205,31 @@ class Adapter:
                     event = Event(key, _KINDS[type(msg)], -1, ident, msg.ts, None, part, off)
             except Rejected as err:
                 dead.append(self._dead_letter(rec, err.reason, err.detail, now))
+                dead_parts.append(rec.partition)
                 continue
             events.append(event)
             by_id[ident] = rec
-        return Decoded(events, dead, by_id)
+        return Decoded(events, dead, by_id, dead_parts)
 
     def finish(self, batch: Decoded, result: BatchResult) -> Outputs:
         """Encode the engine's predictions (latency and emit time set) and every dead letter."""
         now = self.clock()
         dead = batch.dead_letters
+        dead_parts = batch.dead_letter_parts
         for rejection in result.rejections:
             rec = batch.records[rejection.event.id]
             dead.append(self._dead_letter(rec, rejection.reason, rejection.detail, now))
+            dead_parts.append(rec.partition)
         preds: list[tuple[bytes, bytes]] = []
+        parts: list[int] = []
         for pred in result.predictions:
             preds.append((pred["key"].encode(), encode_prediction(finalise(pred, now))))
+            parts.append(int(pred["id"].partition(":")[0] or -1))
         if preds:
             self.sensor.on_predictions(len(preds))
         if result.skipped and isinstance(self.sensor, CountingSensor):
             self.sensor.skipped += result.skipped
-        return Outputs(preds, dead, result.tokens)
+        return Outputs(preds, dead, result.tokens, parts, dead_parts)
 
     def process(self, records: Sequence[RawRecord], engine: Engine) -> Outputs:
         """`decode`, ``engine.process``, `finish`; reports the batch to the sensor."""
@@ -212,21 +238,6 @@ class Adapter:
         out = self.finish(batch, engine.process(batch.events))
         self.sensor.on_batch(len(records), out.tokens, time.perf_counter() - started)
         return out
-
-    def reject_all(self, records: Sequence[RawRecord], err: BaseException) -> Outputs:
-        """Dead letters for a whole micro-batch the engine failed on (a bug, not bad input).
-
-        The worker keeps going; the letters name the error so that the batch can be replayed
-        once the bug is fixed. Keys' states may hold part of the batch.
-        """
-        now = self.clock()
-        detail = (
-            f"the worker failed on the micro-batch that held this message ({err!r:.200}); it "
-            "was not scored and its key's state may be partly advanced: report the error, "
-            "and replay the message from the dead-letter topic once it is fixed"
-        )
-        dead = [self._dead_letter(rec, "bad_value", detail, now) for rec in records]
-        return Outputs([], dead, 0)
 
     def _dead_letter(
         self, rec: RawRecord, reason: str, detail: str, now: float

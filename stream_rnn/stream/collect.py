@@ -41,18 +41,25 @@ def read_predictions(
     timeout_s: float = 5.0,
     max_wait_s: float = 300.0,
     until: Predicate | None = None,
+    isolation: str = "read_committed",
 ) -> list[dict[str, Any]]:
     """Every distinct prediction on ``topic`` (first copy of each ``(id, type)``), in read order.
 
     Stops when no new prediction arrived for ``timeout_s`` seconds, when ``until(predictions)``
     holds (checked after each poll), or after ``max_wait_s`` seconds at the latest.
+    ``isolation`` ``read_committed`` (default) reads only committed transactions: under the
+    exactly-once guarantee every prediction is there once; ``read_uncommitted`` also reads
+    what open or aborted transactions (a crashed or fenced worker's) wrote.
     """
+    if isolation not in ("read_committed", "read_uncommitted"):
+        raise ValueError(f"isolation {isolation!r}; use read_committed or read_uncommitted")
     try:
         consumer = KafkaConsumer(
             bootstrap_servers=bootstrap,
             group_id=None,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
+            isolation_level=isolation,
             client_id="stream-rnn-collect",
         )
     except KafkaError as err:
@@ -125,10 +132,16 @@ def collect(
     *,
     task: str | None = None,
     until: Predicate | None = None,
+    isolation: str = "read_committed",
 ) -> list[dict[str, Any]]:
     """`read_predictions` then `to_lines`: the topic as ``stream-rnn score`` lines."""
     preds = read_predictions(
-        bootstrap, topic, timeout_s=timeout_s, max_wait_s=max_wait_s, until=until
+        bootstrap,
+        topic,
+        timeout_s=timeout_s,
+        max_wait_s=max_wait_s,
+        until=until,
+        isolation=isolation,
     )
     return to_lines(preds, task)
 

@@ -42,10 +42,17 @@ log = logging.getLogger("stream_rnn.worker")
 T = TypeVar("T")
 
 
-class Snapshot(NamedTuple):
-    """States taken for a checkpoint, per source partition, and when they were taken."""
+class Changes(NamedTuple):
+    """What one partition's next checkpoint or transaction writes."""
 
-    by_partition: dict[int, list[tuple[str, StoredState]]]
+    states: list[tuple[str, StoredState]]
+    deleted: list[tuple[str, int]]  # (key, source offset that deleted it): tombstones
+
+
+class Snapshot(NamedTuple):
+    """Changes taken for a checkpoint, per source partition, and when they were taken."""
+
+    by_partition: dict[int, Changes]
     taken: float
 
 
@@ -84,7 +91,8 @@ class DurableState:
         self._lock = asyncio.Lock()
         # States taken for a checkpoint that failed: no longer dirty in the pool, so the next
         # checkpoint must write them from here (per partition, newest per key).
-        self._retry: dict[int, dict[str, StoredState]] = defaultdict(dict)
+        # (a deleted key maps to the offset that deleted it)
+        self._retry: dict[int, dict[str, StoredState | int]] = defaultdict(dict)
 
     @property
     def enabled(self) -> bool:
@@ -125,7 +133,7 @@ class DurableState:
                 if int(pool.applied[slot_of[key]]) >= state.offset:
                     continue
                 pool.discard(key)
-            rows.append((key, state.partition, state.value))
+            rows.append((key, state.partition, state.value, state.ts))
         # into the on-disk store, still encoded: keys come into the pool when they return
         self.store.put_restored_encoded(rows)
         return len(rows)
@@ -181,13 +189,13 @@ class DurableState:
         todo = sorted(by_part.items())
         try:
             while todo:
-                partition, states = todo[0]
-                written += await self.writer.write(partition, states)
+                partition, changes = todo[0]
+                written += await self.writer.write(partition, changes.states, changes.deleted)
                 todo.pop(0)
         except BaseException:
             # A partly written partition is written again; compaction keeps the newest.
-            for partition, states in todo:
-                self._keep_for_retry(partition, states)
+            for partition, changes in todo:
+                self._keep_for_retry(partition, changes)
             raise
         s = self.sensor
         s.checkpoints += 1
@@ -196,21 +204,37 @@ class DurableState:
         s.checkpoint_seconds += time.monotonic() - started
         return written
 
-    def _keep_for_retry(self, partition: int, states: list[tuple[str, StoredState]]) -> None:
+    def _keep_for_retry(self, partition: int, changes: Changes) -> None:
         kept = self._retry[partition]
-        for key, state in states:
+        for key, state in changes.states:
             old = kept.get(key)
-            if old is None or state.offset >= old.offset:
+            if old is None or (isinstance(old, StoredState) and state.offset >= old.offset):
                 kept[key] = state
+        for key, offset in changes.deleted:
+            old = kept.get(key)
+            if old is None or isinstance(old, int) or old.offset <= offset:
+                kept[key] = offset
 
-    def _collect(self, wanted: set[int] | None) -> dict[int, list[tuple[str, StoredState]]]:
-        out: dict[int, list[tuple[str, StoredState]]] = defaultdict(list)
-        retry = [
-            kv
-            for p in list(self._retry)
-            if wanted is None or p in wanted
-            for kv in self._retry.pop(p).items()
-        ]
+    def take_changes(self, partitions: Iterable[int]) -> dict[int, Changes]:
+        """Every change of ``partitions`` since the last call (states and deletions), marking
+        them taken: what one transaction per partition writes (exactly-once). On the engine's
+        executor thread or while nothing else touches the pool."""
+        return dict(self._collect(set(partitions)))
+
+    def has_changes(self) -> bool:
+        """Whether something besides processed events awaits a commit (deletions, retries)."""
+        return bool(self.engine.pool.deleted) or bool(self._retry)
+
+    def _collect(self, wanted: set[int] | None) -> dict[int, Changes]:
+        out: dict[int, Changes] = defaultdict(lambda: Changes([], []))
+        retry_states: list[tuple[str, StoredState]] = []
+        retried_deletions: list[tuple[str, int, int]] = []
+        for p in [p for p in list(self._retry) if wanted is None or p in wanted]:
+            for key, kept in self._retry.pop(p).items():
+                if isinstance(kept, StoredState):
+                    retry_states.append((key, kept))
+                else:
+                    retried_deletions.append((key, p, kept))
         items = (
             self.engine.pool.take_dirty()
             if wanted is None
@@ -221,7 +245,12 @@ class DurableState:
             if wanted is None
             else [kv for p in wanted for kv in self.store.take_pending(partition=p)]
         )
-        items += retry
+        items += retry_states
+        deletions = (
+            self.engine.pool.take_deleted()
+            if wanted is None
+            else [d for p in wanted for d in self.engine.pool.take_deleted(partition=p)]
+        )
         # One record per key, the newest: a key evicted (pending) and re-admitted since the last
         # checkpoint is in both lists, and compaction keeps whichever is written last.
         newest: dict[str, StoredState] = {}
@@ -231,17 +260,22 @@ class DurableState:
                 newest[key] = state
         for key, state in newest.items():
             if state.partition >= 0:  # -1: never saw an offset (exactly-once off)
-                out[state.partition].append((key, state))
+                out[state.partition].states.append((key, state))
+        for key, partition, offset in [*retried_deletions, *deletions]:
+            # a key deleted and then created again is written as its new state only
+            if partition >= 0 and key not in newest:
+                out[partition].deleted.append((key, offset))
         return out
 
     # ------------------------------------------------------------------ rebalance
-    async def release(self, partitions: Iterable[int]) -> None:
-        """A revoked partition: final checkpoint, then forget its keys (the new owner restores)."""
+    async def release(self, partitions: Iterable[int], *, checkpoint: bool = True) -> None:
+        """A revoked partition: final checkpoint (unless ``checkpoint`` is False: exactly-once
+        committed it already), then forget its keys (the new owner restores them)."""
         gone = sorted(set(partitions) & self.restored)
         if not gone:
             return
         async with self._lock:  # no checkpoint or restore between the last write and the drop
-            if self.enabled:
+            if self.enabled and checkpoint:
                 await self._checkpoint(gone)
             dropped = await self._on_engine(self._drop, gone)
             self.restored -= set(gone)

@@ -86,32 +86,47 @@ class OutputSender:
         producer = self._producer
         if producer is None or not self._started:
             raise StreamError("OutputSender.send() before start(); await sender.start() first")
-        partitions = sorted(await producer.partitions_for(topic))
-        cache = self._partition_of.setdefault((topic, len(partitions)), {})
-        if len(cache) > _KEY_CACHE_LIMIT:
-            cache.clear()
-        hash_partition = DefaultPartitioner()
-        builders: dict[int, Any] = {}
-        futures: list[asyncio.Future[Any]] = []
-        for key, value in messages:
-            if key is None:
-                partition = hash_partition(None, partitions, partitions)
-            else:
-                partition = cache.get(key, -1)
-                if partition < 0:
-                    partition = cache[key] = hash_partition(key, partitions, partitions)
-            batch = builders.get(partition)
-            if batch is None:
-                batch = builders[partition] = producer.create_batch()
-            if batch.append(key=key, value=value, timestamp=None) is None:
-                # full: ship it and start the next one for this partition
-                futures.append(await producer.send_batch(batch, topic, partition=partition))
-                batch = builders[partition] = producer.create_batch()
-                if batch.append(key=key, value=value, timestamp=None) is None:
-                    raise StreamError(
-                        f"a {len(value)}-byte message does not fit an empty batch of "
-                        f"{MAX_BATCH_BYTES} bytes; outputs this large are a bug"
-                    )
-        for partition, batch in builders.items():
+        return await send_partitioned(producer, topic, messages, self._partition_of)
+
+
+async def send_partitioned(
+    producer: AIOKafkaProducer,
+    topic: str,
+    messages: Sequence[tuple[bytes | None, bytes]],
+    partition_of: dict[tuple[str, int], dict[bytes, int]],
+) -> list[asyncio.Future[Any]]:
+    """Append ``messages`` to one batch per output partition (murmur2 of the key, as the Java
+    client) and hand the batches to ``producer``; one future per broker batch.
+
+    ``partition_of`` caches each key's partition per ``(topic, partition count)``. A
+    transactional producer must be in a transaction.
+    """
+    partitions = sorted(await producer.partitions_for(topic))
+    cache = partition_of.setdefault((topic, len(partitions)), {})
+    if len(cache) > _KEY_CACHE_LIMIT:
+        cache.clear()
+    hash_partition = DefaultPartitioner()
+    builders: dict[int, Any] = {}
+    futures: list[asyncio.Future[Any]] = []
+    for key, value in messages:
+        if key is None:
+            partition = hash_partition(None, partitions, partitions)
+        else:
+            partition = cache.get(key, -1)
+            if partition < 0:
+                partition = cache[key] = hash_partition(key, partitions, partitions)
+        batch = builders.get(partition)
+        if batch is None:
+            batch = builders[partition] = producer.create_batch()
+        if batch.append(key=key, value=value, timestamp=None) is None:
+            # full: ship it and start the next one for this partition
             futures.append(await producer.send_batch(batch, topic, partition=partition))
-        return futures
+            batch = builders[partition] = producer.create_batch()
+            if batch.append(key=key, value=value, timestamp=None) is None:
+                raise StreamError(
+                    f"a {len(value)}-byte message does not fit an empty batch of "
+                    f"{MAX_BATCH_BYTES} bytes; outputs this large are a bug"
+                )
+    for partition, batch in builders.items():
+        futures.append(await producer.send_batch(batch, topic, partition=partition))
+    return futures

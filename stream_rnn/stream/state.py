@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
@@ -60,34 +60,66 @@ class StateWriter:
             await self._producer.stop()
             self._producer = None
 
-    async def write(self, partition: int, states: Sequence[tuple[str, StoredState]]) -> int:
-        """Write ``states`` to ``partition`` and wait until the broker has them all (durable)."""
+    async def write(
+        self,
+        partition: int,
+        states: Sequence[tuple[str, StoredState]],
+        deleted: Sequence[tuple[str, int]] = (),
+    ) -> int:
+        """Write ``states`` (and tombstones for ``deleted`` ``(key, applied offset)``) to
+        ``partition`` and wait until the broker has them all (durable); returns how many."""
         producer = self._producer
         if producer is None:
             raise StateError("StateWriter.write() before start(); call await writer.start()")
-        # Whole broker batches, as the output sender does: a send() per record costs about
-        # as much as the rest of a checkpoint.
-        futures = []
-        batch = producer.create_batch()
-        values = encode_states([state for _, state in states])
-        for (key, _), value in zip(states, values, strict=True):
-            self.bytes += len(value)
-            if batch.append(key=key.encode("utf-8"), value=value, timestamp=None) is None:
-                futures.append(await producer.send_batch(batch, self.topic, partition=partition))
-                # a checkpoint runs beside the micro-batches: let them in between broker batches
-                await asyncio.sleep(0)
-                batch = producer.create_batch()
-                if batch.append(key=key.encode("utf-8"), value=value, timestamp=None) is None:
-                    raise StateError(
-                        f"the state of key {key!r} ({len(value)} bytes) does not fit an empty "
-                        "batch; raise the writer's max_batch_size"
-                    )
-        if batch.record_count():
-            futures.append(await producer.send_batch(batch, self.topic, partition=partition))
+        futures, size = await send_state_records(producer, self.topic, partition, states, deleted)
+        self.bytes += size
         if futures:
             await asyncio.gather(*futures)
-        self.records += len(states)
-        return len(states)
+        self.records += len(states) + len(deleted)
+        return len(states) + len(deleted)
+
+
+TOMBSTONE_OFFSET = "applied-offset"  # header of a tombstone: the offset that deleted the key
+
+
+async def send_state_records(
+    producer: AIOKafkaProducer,
+    topic: str,
+    partition: int,
+    states: Sequence[tuple[str, StoredState]],
+    deleted: Sequence[tuple[str, int]] = (),
+) -> tuple[list[asyncio.Future[Any]], int]:
+    """Hand state records and tombstones to ``producer`` in whole broker batches.
+
+    Returns the batches' futures and the bytes appended. A tombstone (value None) carries the
+    source offset that deleted the key in a header, so that a restore never lets an older
+    state shadow a deletion (nor a deletion a newer state). A send() per record costs about as
+    much as the rest of a checkpoint, hence the batches.
+    """
+    futures: list[asyncio.Future[Any]] = []
+    size = 0
+    batch = producer.create_batch()
+    values = encode_states([state for _, state in states])
+    records: list[tuple[str, bytes | None, list[tuple[str, bytes]]]] = [
+        (key, value, []) for (key, _), value in zip(states, values, strict=True)
+    ]
+    records += [(key, None, [(TOMBSTONE_OFFSET, str(off).encode())]) for key, off in deleted]
+    for key, value, headers in records:
+        raw_key = key.encode("utf-8")
+        size += len(value) if value is not None else 0
+        if batch.append(key=raw_key, value=value, timestamp=None, headers=headers) is None:
+            futures.append(await producer.send_batch(batch, topic, partition=partition))
+            # a checkpoint runs beside the micro-batches: let them in between broker batches
+            await asyncio.sleep(0)
+            batch = producer.create_batch()
+            if batch.append(key=raw_key, value=value, timestamp=None, headers=headers) is None:
+                raise StateError(
+                    f"the state of key {key!r} ({len(value or b'')} bytes) does not fit an "
+                    "empty batch; raise the producer's max_batch_size"
+                )
+    if batch.record_count():
+        futures.append(await producer.send_batch(batch, topic, partition=partition))
+    return futures, size
 
 
 class EncodedState(NamedTuple):
@@ -97,6 +129,7 @@ class EncodedState(NamedTuple):
     offset: int
     partition: int
     value: bytes
+    ts: float = 0.0  # when the record was written (seconds since the epoch)
 
 
 async def restore_partition(
@@ -104,7 +137,8 @@ async def restore_partition(
 ) -> dict[str, StoredState]:
     """Read a state-topic partition from the beginning to its end: the newest state per key.
 
-    "Newest" is the highest applied offset, not the last written record.
+    "Newest" is the highest applied offset, not the last written record; deleted keys (a
+    tombstone at or after their newest state) are left out. Only committed records are read.
     """
     newest = await read_partition(bootstrap, topic, partition, timeout_s=timeout_s)
     return {key: decode_state(rec.value) for key, rec in newest.items()}
@@ -113,17 +147,24 @@ async def restore_partition(
 async def read_partition(
     bootstrap: str, topic: str, partition: int, *, timeout_s: float = 60.0
 ) -> dict[str, EncodedState]:
-    """Like `restore_partition`, with the states left encoded (only headers are parsed)."""
+    """Like `restore_partition`, with the states left encoded (only headers are parsed).
+
+    Holds no more than the partition's live keys: a tombstone removes its key at once.
+    ``read_committed``: records of open or aborted transactions (a fenced zombie's) are never
+    read; the end is the last stable offset.
+    """
     tp = TopicPartition(topic, partition)
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
+        isolation_level="read_committed",
         max_partition_fetch_bytes=8 << 20,
         fetch_max_bytes=64 << 20,
     )
     await consumer.start()
     states: dict[str, EncodedState] = {}
+    deleted_at: dict[str, int] = {}  # key -> offset that deleted it (until a newer state)
     try:
         consumer.assign([tp])
         end = (await consumer.end_offsets([tp]))[tp]
@@ -138,14 +179,34 @@ async def read_partition(
                 )
             batches = await consumer.getmany(tp, timeout_ms=500, max_records=10_000)
             for record in batches.get(tp, []):
-                if record.key is None or record.value is None:
-                    continue  # tombstone: the key's state was deleted on purpose
+                if record.key is None:
+                    continue
                 key = record.key.decode("utf-8")
+                if record.value is None:  # tombstone: the key's state was deleted on purpose
+                    gone = _tombstone_offset(record.headers)
+                    old = states.get(key)
+                    if old is None or gone is None or old.offset <= gone:
+                        states.pop(key, None)
+                        deleted_at[key] = gone if gone is not None else -1
+                    continue
                 offset, source = decode_position(record.value)
                 old = states.get(key)
-                if old is None or offset >= old.offset:
-                    states[key] = EncodedState(offset, source, record.value)
+                if (old is None or offset >= old.offset) and offset > deleted_at.get(key, -2):
+                    states[key] = EncodedState(
+                        offset, source, record.value, record.timestamp / 1000
+                    )
+                    deleted_at.pop(key, None)
             position = await consumer.position(tp)
     finally:
         await consumer.stop()
     return states
+
+
+def _tombstone_offset(headers: Sequence[tuple[str, bytes]] | None) -> int | None:
+    for name, value in headers or ():
+        if name == TOMBSTONE_OFFSET:
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None

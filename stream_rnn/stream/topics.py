@@ -55,6 +55,15 @@ def state_topic(tokens_topic: str) -> str:
     return f"{tokens_topic}-state"
 
 
+def state_topic_config(settings: Settings) -> dict[str, str]:
+    """Topic configs of a new state topic: compacted; with replication, ``min.insync.replicas``
+    = RF - 1 so that acks=all (and every transaction) survives one broker down."""
+    config = {"cleanup.policy": "compact"}
+    if settings.replication > 1:
+        config["min.insync.replicas"] = str(settings.replication - 1)
+    return config
+
+
 def layout(settings: Settings, partitions: int | None = None) -> TopicLayout:
     """The topic names of ``settings`` (no broker contact); ``partitions`` defaults to theirs."""
     return TopicLayout(
@@ -123,9 +132,7 @@ def ensure_topics(
                 f"{wanted.state!r} (its checkpoints are lost) or recreate {wanted.tokens!r} with "
                 f"{state_count} partitions"
             )
-        configs: dict[str, dict[str, str]] = {
-            wanted.state: {"cleanup.policy": "compact"},
-        }
+        configs: dict[str, dict[str, str]] = {wanted.state: state_topic_config(settings)}
         missing = {
             name: {
                 "num_partitions": count,

@@ -2,12 +2,23 @@
 
 Per micro-batch (``take_batches(channel queue, max_batch, max_wait_s)``): raw records -> `Adapter`
 (decode, validate, dead-letter) -> `Engine.process` (one batched step per phase) -> encoded
-predictions and dead letters -> `OutputSender` (one broker batch per partition, acks=all). A
-micro-batch's offsets are committed only at the next checkpoint after its outputs are on the
-broker (see ``ACK POINT``): consumer offsets never pass a state that is not durable. The worker
-commits them itself; faust's acks are off for the tokens topic, because faust acks every
-message it skips (during a rebalance, or of an old group generation), so its commits could
-pass tokens that no worker applied.
+predictions and dead letters -> Kafka. What happens to them depends on the guarantee
+(``--guarantee``), and the decisions live in `stream_rnn.stream.commit` (no I/O):
+
+* **exactly-once** (default): outputs go into the open Kafka transaction of the input
+  partition that caused them (`stream_rnn.stream.txn`, one transactional producer per owned
+  partition, which fences earlier owners); every ``commit_interval_s`` each partition's
+  transaction gets the records of the states it changed (tombstones for deleted keys) and the
+  consumed offsets, and commits. A read_committed reader sees every output once.
+* **at-least-once**: outputs are sent (acks=all) per micro-batch; the changed states are
+  checkpointed every ``checkpoint_interval_s`` and only then are the micro-batches' offsets
+  committed (see ``ACK POINT``). After a crash, outputs since the last checkpoint are sent
+  again with the same ids.
+
+The worker commits offsets itself; faust's acks are off for the tokens topic, because faust
+acks every message it skips (during a rebalance, or of an old group generation), so its commits
+could pass tokens that no worker applied. Every faust internal used is in
+`stream_rnn.stream.faust_boundary`.
 
 Rebalances: a revoked partition gets a final checkpoint, its offsets are committed and its keys
 leave the pool; micro-batches wait while a rebalance is under way and, once the new assignment
@@ -33,12 +44,12 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import faust
 import torch
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
-from faust.transport.consumer import Consumer as FaustConsumer
 from faust.types import TP, EventT, StreamT
 
 from stream_rnn.engine.diskstore import DiskStateStore
@@ -46,8 +57,10 @@ from stream_rnn.engine.engine import Engine
 from stream_rnn.engine.pool import StatePool
 from stream_rnn.ops.settings import Settings
 from stream_rnn.registry.checkpoint import load_checkpoint
+from stream_rnn.stream import faust_boundary as fb
 from stream_rnn.stream.adapter import Adapter, CountingSensor, Outputs, RawRecord
-from stream_rnn.stream.batches import EventQueue, take_batches
+from stream_rnn.stream.batches import take_batches
+from stream_rnn.stream.commit import EXIT_TEMPFAIL, CommitPlan, CommitProtocol, Decision
 from stream_rnn.stream.durable import DurableState, Snapshot
 from stream_rnn.stream.exceptions import StreamError
 from stream_rnn.stream.executor import engine_executor
@@ -55,20 +68,25 @@ from stream_rnn.stream.sender import OutputSender
 from stream_rnn.stream.state import StateWriter
 from stream_rnn.stream.status import StatusServer
 from stream_rnn.stream.topics import ensure_topics, state_topic
+from stream_rnn.stream.txn import Fenced, PartitionTransactions
 
 log = logging.getLogger("stream_rnn.worker")
-DELIVERY_ATTEMPTS = 3
-# EX_TEMPFAIL: a micro-batch failed after it may have changed states (the broker refused its
-# outputs after every retry): the worker exits uncommitted; restart it.
-EXIT_OUTPUTS_LOST = 75
+# EX_TEMPFAIL: the worker exits uncommitted (outputs lost, fenced, broker gone); restart it.
+EXIT_OUTPUTS_LOST = EXIT_TEMPFAIL
 
 
 async def _no_commit(offsets: dict[int, int]) -> bool:
     return False
 
 
+def _exit_process(code: int) -> None:
+    # no faust shutdown: nothing uncommitted may be committed on the way out
+    logging.shutdown()
+    os._exit(code)
+
+
 class OutputsLost(StreamError):
-    """The broker did not take a micro-batch's outputs after every retry."""
+    """The broker did not take a micro-batch's outputs within the broker timeout."""
 
 
 @dataclass(frozen=True)
@@ -96,7 +114,13 @@ class WorkerOptions:
     checkpoint_interval_s: float = 2.0
     checkpoint_every: int = 50_000
     engine_thread: bool = False
-    session_timeout_s: float = 60.0
+    session_timeout_s: float = 10.0
+    heartbeat_interval_s: float = 3.0
+    guarantee: Literal["exactly-once", "at-least-once"] = "exactly-once"
+    commit_interval_s: float = 0.1
+    state_retention_s: float | None = None
+    broker_timeout_s: float = 120.0
+    fault_engine_batch: int | None = None
     web_port: int | None = None
     worker_dir: Path = Path("/tmp/stream-rnn-worker")  # noqa: S108 - overridden by settings
     log_level: str = "INFO"
@@ -128,7 +152,7 @@ class WorkerOptions:
 
 
 class StreamWorker:
-    """The engine, adapter and sender of one process, and the micro-batch handler.
+    """The engine, adapter and Kafka clients of one process, and the micro-batch handler.
 
     Every call that touches the state pool (process, expire, checkpoint snapshots, restores)
     goes through one executor: the event loop's own thread by default, or a dedicated thread
@@ -142,7 +166,7 @@ class StreamWorker:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         model, manifest = load_checkpoint(opts.model_dir, device=device)
         # Evicted states live in a local file (bounded memory); the state topic is the truth,
-        # so the file starts empty with every process.
+        # so the file starts empty with every process (and goes with it, see run_worker).
         self.workdir = opts.worker_dir / f"{opts.group}-{os.getpid()}"
         self.store = DiskStateStore(self.workdir / "states.db")
         pool = StatePool(
@@ -151,6 +175,7 @@ class StreamWorker:
             device=model.embedding.weight.device,
             storage=opts.storage,
             ttl_s=opts.ttl_s,
+            retention_s=opts.state_retention_s,
             store=self.store,
         )
         self.engine = Engine(model, manifest, pool=pool, running_estimate=opts.running_estimate)
@@ -161,7 +186,12 @@ class StreamWorker:
             max_bytes=opts.max_message_bytes,
             sensor=self.sensor,
         )
-        self.sender = OutputSender(opts.bootstrap, client_id=f"{opts.group}-{os.getpid()}")
+        self.exactly_once = opts.guarantee == "exactly-once"
+        client_id = f"{opts.group}-{os.getpid()}"
+        self.sender = OutputSender(opts.bootstrap, client_id=client_id)
+        self.txns = PartitionTransactions(
+            opts.bootstrap, group=opts.group, tokens_topic=opts.tokens_topic, client_id=client_id
+        )
         self.assigned: list[int] = []
         self._executor = engine_executor(opts.engine_thread)
         self.writer = StateWriter(opts.bootstrap, state_topic(opts.tokens_topic))
@@ -173,164 +203,342 @@ class StreamWorker:
             state_topic(opts.tokens_topic),
             self._executor,
             self.sensor,
-            interval_s=opts.checkpoint_interval_s,
+            # exactly-once: every transaction holds its states; no separate checkpoints
+            interval_s=0.0 if self.exactly_once else opts.checkpoint_interval_s,
             every_tokens=opts.checkpoint_every,
         )
-        # Per partition, the offset after the last event processed since the last commit.
-        self.uncommitted: dict[int, int] = {}
-        # build_app points this at the consumer: commit {partition: offset}, True if done.
+        interval = opts.commit_interval_s if self.exactly_once else opts.checkpoint_interval_s
+        self.protocol = CommitProtocol(exactly_once=self.exactly_once, interval_s=interval or 1e-6)
+        # build_app points these at faust: commit {partition: offset} (at-least-once), and
+        # the group generation now (events fetched in an earlier one are stale copies)
         self.commit_offsets: Callable[[dict[int, int]], Awaitable[bool]] = _no_commit
-        # Set while the assignment is settled (known, and its partitions restored); cleared
-        # from revocation until the next assignment. See handle().
-        self.settled = asyncio.Event()
-        # Held from ownership check to delivered outputs (handle) and around a checkpoint and
-        # its commit (commit_point): a checkpoint never holds the effect of a micro-batch whose
-        # predictions are not on the broker yet, and no commit passes one that it does not hold.
-        self._batch_lock = asyncio.Lock()
-        # The consumer group generation now (build_app points this at faust's): events fetched
-        # in an earlier one are stale copies, see handle().
         self.generation: Callable[[], int | None] = lambda: None
-        # The checkpoint being written in the background, if any (see commit_point).
+        # how a fatal decision ends the process (tests replace it)
+        self.exit: Callable[[int], None] = _exit_process
+        # Set while the assignment is settled (known, fenced and restored); cleared from
+        # revocation until the next assignment. See handle().
+        self.settled = asyncio.Event()
+        # Held from the ownership check to the outputs handed over (handle), and around
+        # taking a commit's states and offsets (commit_point): a commit never holds part of a
+        # micro-batch.
+        self._batch_lock = asyncio.Lock()
+        self._commit_lock = asyncio.Lock()  # one commit at a time
+        # at-least-once: the checkpoint being written in the background, if any
         self._checkpointing: asyncio.Task[None] | None = None
+        self.stopping = False
+        self.closed = False
         self._last_expire = time.monotonic()
         self._last_stats = (time.monotonic(), 0)
 
+    # ------------------------------------------------------------------ clients
+    async def start_clients(self) -> None:
+        if not self.exactly_once:
+            await self.sender.start()
+            await self.writer.start()
+
+    async def stop_clients(self) -> None:
+        """After the last commit: close the producers (open transactions are aborted)."""
+        self.closed = True
+        await self.txns.close()
+        await self.writer.stop()
+        await self.sender.stop()
+
+    # ------------------------------------------------------------------ rebalances
+    async def on_assigned(self, partitions: list[int]) -> None:
+        """New assignment: fence earlier owners, learn the committed offsets, restore states.
+
+        The order matters under exactly-once: the transactional producers start first (which
+        aborts whatever a previous owner left open), so the committed offsets and state records
+        read next are final.
+        """
+        self.assigned = partitions
+        if self.exactly_once:
+            await self.txns.open(partitions)
+            committed = await self._read_committed(partitions)
+        else:
+            committed = {p: 0 for p in partitions}
+        self.protocol.assigned(committed)
+        await self.durable.ensure_restored(partitions)
+        self.settled.set()
+
+    async def on_revoked(self, partitions: list[int]) -> None:
+        """Partitions taken away: commit what was processed while they are still ours, then
+        forget their keys (their next owner restores them)."""
+        self.settled.clear()  # no new micro-batch until the next assignment is settled
+        self.assigned = [p for p in self.assigned if p not in partitions]
+        await self.commit_point(force=True)
+        self.protocol.revoked(partitions)
+        await self.durable.release(partitions, checkpoint=not self.exactly_once)
+        if self.exactly_once:
+            await self.txns.close(partitions)
+
+    async def _read_committed(self, partitions: list[int]) -> dict[int, int]:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.opts.bootstrap,
+            group_id=self.opts.group,
+            enable_auto_commit=False,
+        )
+        await consumer.start()
+        try:
+            out = {}
+            for p in partitions:
+                offset = await consumer.committed(TopicPartition(self.opts.tokens_topic, p))
+                out[p] = offset if offset is not None and offset >= 0 else 0
+            return out
+        finally:
+            await consumer.stop()
+
+    # ------------------------------------------------------------------ micro-batches
     async def handle(self, events: Sequence[EventT]) -> None:
-        """Process one micro-batch and wait until its outputs are durable on the broker.
+        """Process one micro-batch and hand its outputs over (transaction or acks=all).
 
         Which partitions are ours is decided by the rebalance signals alone: faust resumes
         fetching a new assignment before ``on_partitions_assigned`` has run, so a batch waits
-        until it has (the assignment is known and restored). Dropped, unacked: events of
-        partitions not ours (their new owner's), and events fetched in an earlier group
-        generation, which the batch buffer can still hold after a rebalance. After every
-        assignment the consumer fetches again from the committed offsets, so such a copy is
-        either fetched again in order or already applied; processing it could apply a token
-        twice (with its refetched copy in the same batch) or before the tokens ahead of it.
-        Within one generation a partition's events arrive in order and none is left out, so
-        the offset after the last one processed is where a restart may resume.
+        until it has (the assignment is known, fenced and restored). Dropped, unacked: events
+        of partitions not ours, events fetched in an earlier group generation, events below
+        the committed offset and events already processed (`CommitProtocol.accept`).
         """
         await self.settled.wait()
         async with self._batch_lock:
-            owned, generation = set(self.assigned), self.generation()
-            events = [
-                e
-                for e in events
-                if e.message.partition in owned
-                and (generation is None or e.message.generation_id in (None, generation))
-            ]
-            if not events:
+            if self.stopping:
                 return
-            await self.durable.ensure_restored({e.message.partition for e in events})
+            generation = self.generation()
+            accept = self.protocol.accept
+            kept: list[EventT] = []
+            for e in events:
+                gen = fb.event_generation(e)
+                if generation is not None and gen is not None and gen != generation:
+                    continue
+                partition, offset = fb.event_position(e)
+                if accept(partition, offset):
+                    kept.append(e)
+            if not kept:
+                return
             records = [
                 RawRecord(m.key, m.value, m.topic, m.partition, m.offset, m.timestamp)
-                for m in (e.message for e in events)
+                for m in (e.message for e in kept)
             ]
+            last: dict[int, int] = {}
+            for r in records:
+                last[r.partition] = r.offset
+            await self.durable.ensure_restored(last)
             loop = asyncio.get_running_loop()
-            out = await loop.run_in_executor(self._executor, self._compute, records)
-            await self.deliver(out)
-            self.durable.add_tokens(out.tokens)
-            for e in events:
-                self.uncommitted[e.message.partition] = e.message.offset + 1
-
-    async def commit_point(self, *, force: bool = False) -> None:
-        """ACK POINT: commit the processed micro-batches' offsets once their states are durable.
-
-        The changed states and the offsets of the micro-batches they hold are taken together,
-        between two micro-batches; the states are then written (acks=all) and the offsets
-        committed in the background while the next micro-batches run, one checkpoint at a
-        time. ``force`` (revocation, shutdown) waits for the one in flight, then takes and
-        writes a last one before it returns. With checkpoints off, a batch is committed as soon
-        as its outputs are on the broker. A checkpoint that fails commits nothing; its states
-        are written by the next one, and a commit that fails is tried again with the next.
-        """
-        if self._checkpointing is not None:
-            if not force and not self._checkpointing.done():
-                return
-            await asyncio.wait([self._checkpointing])  # its failure was logged there
-            self._checkpointing = None
-        async with self._batch_lock:
-            if not self.durable.enabled:
-                offsets, self.uncommitted = self.uncommitted, {}
-                snapshot = None
-            else:
-                if not (force or self.durable.due()):
-                    return
-                snapshot = await self.durable.snapshot()
-                offsets, self.uncommitted = self.uncommitted, {}
-        if force or snapshot is None:
-            await self._write_and_commit(snapshot, offsets)
-        else:
-            self._checkpointing = asyncio.create_task(
-                self._checkpoint_in_background(snapshot, offsets)
-            )
-
-    async def _checkpoint_in_background(self, snapshot: Snapshot, offsets: dict[int, int]) -> None:
-        try:
-            await self._write_and_commit(snapshot, offsets)
-        except (KafkaError, StreamError) as err:
-            log.warning("checkpoint failed (%r); retrying at the next commit point", err)
-        except Exception:  # noqa: BLE001 - nothing was committed; the next checkpoint retries
-            log.exception("checkpoint failed; retrying at the next commit point")
-
-    async def _write_and_commit(self, snapshot: Snapshot | None, offsets: dict[int, int]) -> None:
-        done = False
-        try:
-            if snapshot is not None:
-                await self.durable.write(snapshot)
-            if offsets:
-                done = await self.commit_offsets(offsets)
-            else:
-                done = True
-        finally:
-            if not done:  # keep them (a newer offset of a partition supersedes its old one)
-                self.uncommitted = {**offsets, **self.uncommitted}
-
-    async def deliver(self, out: Outputs, *, backoff_s: float = 1.0) -> None:
-        """Send the outputs; retry the whole set (duplicates are fine: readers dedupe by id).
-
-        aiokafka already retries each request until its timeout, so a failure here means the
-        broker has been unreachable for a while; after the last attempt, `OutputsLost`.
-        """
-        for attempt in range(1, DELIVERY_ATTEMPTS + 1):
             try:
-                futures = await self.sender.send(self.opts.predictions_topic, out.predictions)
-                futures += await self.sender.send(self.opts.dead_letter_topic, out.dead_letters)
-                # acks=all: once these resolve, every output of the batch is on the broker.
-                await asyncio.gather(*futures)
+                out = await loop.run_in_executor(self._executor, self._compute, records)
+            except Exception as err:  # noqa: BLE001 - a bug in the engine, see crashed()
+                log.exception("the engine failed on a micro-batch of %d messages", len(records))
+                await self.fail(self.protocol.crashed(err))
                 return
-            except KafkaError as err:
-                if attempt == DELIVERY_ATTEMPTS:
-                    raise OutputsLost(
-                        f"the broker did not take {len(out.predictions)} predictions and "
-                        f"{len(out.dead_letters)} dead letters after {attempt} attempts ({err!r})"
-                    ) from err
-                log.warning(
-                    "sending outputs failed (%r); retry %d in %.0fs", err, attempt, backoff_s
-                )
-                await asyncio.sleep(backoff_s)
-                backoff_s *= 2
+            await self.emit(out)
+            self.durable.add_tokens(out.tokens)
+            for partition, offset in last.items():
+                self.protocol.processed(partition, offset)
 
     def _compute(self, records: list[RawRecord]) -> Outputs:
-        try:
-            out = self.adapter.process(records, self.engine)
-        except Exception as err:  # noqa: BLE001 - a poisoned batch must not stop the worker
-            log.exception("the engine failed on a micro-batch of %d messages", len(records))
-            out = self.adapter.reject_all(records, err)
+        out = self.adapter.process(records, self.engine)
+        if self.sensor.batches == self.opts.fault_engine_batch:
+            # fault injection (tests, drills): fail after the batch changed the pool, the
+            # worst moment for the guarantee
+            raise RuntimeError(f"injected engine fault on micro-batch {self.sensor.batches}")
         self._maybe_expire()
         return out
 
+    async def emit(self, out: Outputs) -> None:
+        """Exactly-once: into the source partitions' transactions; else `deliver`."""
+        if not self.exactly_once:
+            await self.deliver(out)
+            return
+        try:
+            # a full producer buffer waits for the broker: never longer than the timeout
+            await asyncio.wait_for(self._send_in_transactions(out), self.opts.broker_timeout_s)
+        except (KafkaError, StreamError, TimeoutError) as err:
+            if isinstance(err, TimeoutError):
+                err = StreamError(
+                    f"the broker did not take the outputs within "
+                    f"{self.opts.broker_timeout_s:.0f}s (--broker-timeout)"
+                )
+            await self.fail(self.protocol.lost(err, fenced=isinstance(err, Fenced)))
+
+    async def _send_in_transactions(self, out: Outputs) -> None:
+        for partition, (preds, dead) in out.by_source().items():
+            await self.txns.send(partition, self.opts.predictions_topic, preds)
+            await self.txns.send(partition, self.opts.dead_letter_topic, dead)
+
+    async def deliver(self, out: Outputs, *, backoff_s: float = 1.0) -> None:
+        """At-least-once: send the outputs and wait for their acks (acks=all); retry the whole
+        set while the broker is unreachable, up to ``broker_timeout_s`` (duplicates are fine:
+        readers dedupe by id); then exit uncommitted."""
+        deadline = time.monotonic() + self.opts.broker_timeout_s
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                futures = await self.sender.send(self.opts.predictions_topic, out.predictions)
+                futures += await self.sender.send(self.opts.dead_letter_topic, out.dead_letters)
+                await asyncio.gather(*futures)
+                return
+            except KafkaError as err:
+                if time.monotonic() + backoff_s > deadline:
+                    await self.fail(
+                        Decision(
+                            f"the broker did not take {len(out.predictions)} predictions and "
+                            f"{len(out.dead_letters)} dead letters within "
+                            f"{self.opts.broker_timeout_s:.0f}s (--broker-timeout; {attempt} "
+                            f"attempts, last: {err!r}); exiting without committing the "
+                            "micro-batch: check the broker, then restart the worker",
+                            exit_code=EXIT_TEMPFAIL,
+                        )
+                    )
+                    return
+                log.warning("sending outputs failed (%r); retry in %.0fs", err, backoff_s)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 10.0)
+
+    async def fail(self, decision: Decision) -> None:
+        """Act on a `Decision` of the protocol: log a retry, or abort and exit."""
+        if not decision.exits:
+            log.warning("%s", decision.message)
+            return
+        self.sensor.commit_failures += 1
+        log.critical("%s", decision.message)
+        if decision.abort:
+            await self.txns.abort_all()
+        self.exit(decision.exit_code or EXIT_TEMPFAIL)
+
+    # ------------------------------------------------------------------ commits
+    async def commit_point(self, *, force: bool = False) -> None:
+        """ACK POINT: commit what was processed, as the guarantee says (module docstring).
+
+        ``force`` (revocation, shutdown) commits whatever is pending now and waits for it.
+        """
+        if self.closed:
+            return
+        if self.exactly_once:
+            await self._commit_transactions(force)
+        else:
+            await self._checkpoint_and_commit(force)
+
+    async def _commit_transactions(self, force: bool) -> None:
+        async with self._commit_lock, self._batch_lock:
+            extra = self.durable.has_changes() or any(
+                self.txns.is_open(p) for p in self.txns.partitions
+            )
+            if not (force and (self.protocol.pending or extra)) and not self.protocol.due(
+                extra=extra
+            ):
+                return
+            started = time.monotonic()
+            plan = self.protocol.begin(force=force)
+            owned = [p for p in self.txns.partitions if p in self.protocol.owned]
+            changes = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self.durable.take_changes, owned
+            )
+            todo = sorted(
+                p for p in owned if p in plan.offsets or p in changes or self.txns.is_open(p)
+            )
+            try:
+                sizes = await asyncio.wait_for(
+                    asyncio.gather(
+                        *(
+                            self.txns.commit(
+                                p,
+                                self.durable.state_topic,
+                                changes[p].states if p in changes else [],
+                                changes[p].deleted if p in changes else [],
+                                plan.offsets.get(p),
+                            )
+                            for p in todo
+                        )
+                    ),
+                    self.opts.broker_timeout_s,
+                )
+            except (KafkaError, StreamError, TimeoutError) as err:
+                if isinstance(err, TimeoutError):
+                    err = StreamError(
+                        f"the broker did not complete the transactions within "
+                        f"{self.opts.broker_timeout_s:.0f}s (--broker-timeout)"
+                    )
+                await self.fail(self.protocol.failed(plan, err, fenced=isinstance(err, Fenced)))
+                return
+            self.protocol.succeeded(plan)
+            s = self.sensor
+            s.commits += 1
+            s.transactions += len(todo)
+            s.commit_seconds += time.monotonic() - started
+            s.checkpoint_records += sum(len(c.states) + len(c.deleted) for c in changes.values())
+            s.checkpoint_bytes += sum(sizes)
+
+    async def _checkpoint_and_commit(self, force: bool) -> None:
+        task = self._checkpointing
+        if task is not None:
+            if not force and not task.done():
+                return
+            await asyncio.wait([task])  # its outcome was handled there
+            self._checkpointing = None
+        async with self._batch_lock:
+            if not self.protocol.ready():
+                if not force:
+                    return
+                self.protocol._retry_at = 0.0  # a forced commit does not wait for a backoff
+            if not force:
+                if self.durable.enabled:
+                    if not (self.durable.due() or self.durable.has_changes()):
+                        return
+                elif not self.protocol.pending:
+                    return
+            plan = self.protocol.begin(force=force)
+            snapshot = await self.durable.snapshot() if self.durable.enabled else None
+        if force or snapshot is None:
+            await self._write_and_commit(plan, snapshot)
+        else:
+            self._checkpointing = asyncio.create_task(self._write_and_commit(plan, snapshot))
+
+    async def _write_and_commit(self, plan: CommitPlan, snapshot: Snapshot | None) -> None:
+        async with self._commit_lock:
+            try:
+                if snapshot is not None:
+                    await self.durable.write(snapshot)
+                if plan.offsets:
+                    owned = {p: o for p, o in plan.offsets.items() if p in self.protocol.owned}
+                    if owned and not await self.commit_offsets(owned):
+                        raise StreamError(f"the offset commit of {owned} was not accepted")
+            except (KafkaError, StreamError, OSError) as err:
+                await self.fail(self.protocol.failed(plan, err))
+                return
+            self.protocol.succeeded(plan)
+            self.sensor.commits += 1
+
+    async def shutdown(self) -> None:
+        """SIGTERM: stop taking micro-batches, let the one in flight finish, commit, close."""
+        if self.closed:
+            return
+        async with self._batch_lock:
+            self.stopping = True
+        await self.commit_point(force=True)
+        await self.stop_clients()
+
+    # ------------------------------------------------------------------ housekeeping
     def _maybe_expire(self) -> None:
         now = time.monotonic()
         if now - self._last_expire >= self.opts.expire_interval_s:
             self._last_expire = now
             expired = self.engine.pool.expire()
             if expired:
-                log.info("expired %d idle keys (TTL %ss)", expired, self.opts.ttl_s)
+                log.info("expired %d idle keys from memory (TTL %ss)", expired, self.opts.ttl_s)
+            retired = self.engine.pool.retire()
+            if retired:
+                log.info(
+                    "deleted %d keys idle past the state retention (%ss)",
+                    retired,
+                    self.opts.state_retention_s,
+                )
 
     async def expire_when_idle(self) -> None:
         """Timer hook: expiry must also run when no batch arrives (on the engine thread)."""
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._maybe_expire)
+        async with self._batch_lock:
+            if not self.stopping:
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(self._executor, self._maybe_expire)
 
     def log_stats(self) -> None:
         s = self.sensor
@@ -340,9 +548,9 @@ class StreamWorker:
         self._last_stats = (now, s.tokens)
         log.info(
             "partitions %s: %d messages, %d tokens (%.0f tokens/s lately), %d predictions, "
-            "dead letters %s, %d keys resident",
+            "dead letters %s, %d keys resident, %d commits",
             self.assigned, s.events, s.tokens, rate, s.predictions, dict(s.dead_letters),
-            len(self.engine.pool),
+            len(self.engine.pool), s.commits,
         )  # fmt: skip
 
     def status(self) -> dict[str, Any]:
@@ -351,6 +559,7 @@ class StreamWorker:
         return {
             "group": self.opts.group,
             "pid": os.getpid(),
+            "guarantee": self.opts.guarantee,
             "model_version": self.engine.version,
             "assigned": self.assigned,
             "batches": s.batches,
@@ -362,6 +571,10 @@ class StreamWorker:
             "keys_resident": len(self.engine.pool),
             "keys_stored": len(self.store),
             "skipped_redelivered": s.skipped,
+            "commits": s.commits,
+            "transactions": s.transactions,
+            "commit_failures": s.commit_failures,
+            "commit_seconds": round(s.commit_seconds, 3),
             "checkpoints": s.checkpoints,
             "checkpoint_records": s.checkpoint_records,
             "checkpoint_bytes": s.checkpoint_bytes,
@@ -406,15 +619,12 @@ def build_app(opts: WorkerOptions, worker: StreamWorker | None = None) -> faust.
         # How long a killed worker keeps its partitions: the group moves them only once its
         # session expires, so this bounds the recovery time after a crash.
         broker_session_timeout=opts.session_timeout_s,
-        broker_heartbeat_interval=min(3.0, opts.session_timeout_s / 3),
+        broker_heartbeat_interval=min(opts.heartbeat_interval_s, opts.session_timeout_s / 3),
     )
-    worker.generation = lambda: app.consumer_generation_id
+    worker.generation = lambda: fb.generation_id(app)
 
     async def commit_offsets(offsets: dict[int, int]) -> bool:
-        # faust's own commit path, minus its ack bookkeeping (off for the tokens topic);
-        # offsets of partitions no longer assigned are left out (their new owner redoes them)
-        tps = {TP(opts.tokens_topic, p): off for p, off in offsets.items()}
-        return await cast(FaustConsumer, app.consumer)._commit_offsets(tps)
+        return await fb.commit_offsets(app, opts.tokens_topic, offsets)
 
     worker.commit_offsets = commit_offsets
     if opts.web_port is not None:
@@ -430,62 +640,38 @@ def build_app(opts: WorkerOptions, worker: StreamWorker | None = None) -> faust.
 
     @app.agent(topic, name="tokens")
     async def process_tokens(stream: StreamT[bytes]) -> None:
-        await worker.sender.start()
-        await worker.writer.start()
+        await worker.start_clients()
         # Micro-batches taken from the agent's channel queue in bulk (see stream/batches.py):
         # nothing is acked (acks are off for the topic); offsets are committed at commit_point.
-        queue: EventQueue[EventT] = cast(Any, stream).channel.queue
-        async for events in take_batches(queue, opts.max_batch, opts.max_wait_s):
-            try:
-                await worker.handle(events)
-            except Exception as err:  # noqa: BLE001 - any failure here is fatal, see below
-                # The batch's effect may be in the pool while its outputs are not all on the
-                # broker (OutputsLost, or a bug): a later checkpoint would make that effect
-                # durable and the redelivered tokens would then be skipped, their predictions
-                # never sent. Exit uncommitted: the batch is redone by whoever owns it next.
-                log.critical("%s; exiting without committing the micro-batch", err)
-                os._exit(EXIT_OUTPUTS_LOST)
-            await commit_or_retry()
-
-    async def commit_or_retry() -> None:
-        try:
+        async for events in take_batches(fb.channel_queue(stream), opts.max_batch, opts.max_wait_s):
+            if worker.stopping:
+                return
+            await worker.handle(events)
             await worker.commit_point()
-        except (KafkaError, StreamError) as err:
-            # nothing was committed; the states are written by the next checkpoint
-            log.warning("checkpoint failed (%r); retrying at the next commit point", err)
 
     @app.on_partitions_assigned.connect
     async def on_assigned(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
         assigned: set[TP] = args[0] if args else kwargs.get("assigned", set())
-        worker.assigned = sorted(tp.partition for tp in assigned if tp.topic == opts.tokens_topic)
-        # restore before the partitions' first events are processed (handle() waits for it)
-        await worker.durable.ensure_restored(worker.assigned)
-        worker.settled.set()
+        partitions = sorted(tp.partition for tp in assigned if tp.topic == opts.tokens_topic)
+        await worker.on_assigned(partitions)
         log.info(
-            "worker %d assigned partitions %s of %s",
-            os.getpid(),
-            worker.assigned,
-            opts.tokens_topic,
+            "worker %d assigned partitions %s of %s", os.getpid(), partitions, opts.tokens_topic
         )
 
     @app.on_partitions_revoked.connect
     async def on_revoked(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
         revoked: set[TP] = args[0] if args else kwargs.get("revoked", set())
-        gone = sorted(tp.partition for tp in revoked if tp.topic == opts.tokens_topic)
-        worker.settled.clear()  # no new micro-batch until the next assignment is restored
-        worker.assigned = [p for p in worker.assigned if p not in gone]
-        # Everything processed so far becomes durable and committed while the partitions are
-        # still ours: their next owner starts from these offsets.
-        await worker.commit_point(force=True)
-        for p in gone:  # not ours to commit any more (a failed commit is redone by the owner)
-            worker.uncommitted.pop(p, None)
-        await worker.durable.release(gone)
+        await worker.on_revoked(
+            sorted(tp.partition for tp in revoked if tp.topic == opts.tokens_topic)
+        )
 
-    @app.timer(min(opts.checkpoint_interval_s or 1.0, 1.0) / 2)
+    tick = min(opts.commit_interval_s if worker.exactly_once else 1.0, 1.0) / 2
+
+    @app.timer(tick)
     async def commit_when_idle() -> None:
-        # Without new micro-batches the last ones would wait for a checkpoint (and their
-        # commit) until the next batch or shutdown.
-        await commit_or_retry()
+        # Without new micro-batches the last ones would wait for their commit until the next
+        # batch or shutdown.
+        await worker.commit_point()
 
     @app.timer(opts.expire_interval_s)
     async def expire_idle_keys() -> None:
@@ -496,10 +682,8 @@ def build_app(opts: WorkerOptions, worker: StreamWorker | None = None) -> faust.
         worker.log_stats()
 
     @app.on_before_shutdown.connect
-    async def stop_sender(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
-        await worker.commit_point(force=True)
-        await worker.writer.stop()
-        await worker.sender.stop()
+    async def stop_worker(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        await worker.shutdown()
 
     return app
 
@@ -507,6 +691,11 @@ def build_app(opts: WorkerOptions, worker: StreamWorker | None = None) -> faust.
 def run_worker(opts: WorkerOptions, settings: Settings) -> int:
     """Create the topics if needed, then run one worker until SIGTERM/SIGINT; the exit code."""
     layout = ensure_topics(opts.bootstrap, opts.settings(settings), partitions=opts.partitions)
+    for mismatch in fb.check_versions():
+        log.warning("untested version: %s; the worker relies on its internals", mismatch)
+    removed = remove_stale_dirs(opts.worker_dir)
+    if removed:
+        log.info("removed %d local state files of workers that are gone", removed)
     worker = StreamWorker(opts)
     app = build_app(opts, worker)
     log.info(
@@ -523,3 +712,34 @@ def run_worker(opts: WorkerOptions, settings: Settings) -> int:
         worker.close()
         shutil.rmtree(opts.worker_dir / f"{opts.group}-{os.getpid()}", ignore_errors=True)
     return 0
+
+
+def remove_stale_dirs(worker_dir: Path) -> int:
+    """Remove the local directories (``<group>-<pid>``) of worker processes that no longer run.
+
+    A worker removes its own at exit; one that was killed cannot, and its evicted-state cache
+    would stay on disk forever. The state topic is the truth, so nothing is lost.
+    """
+    removed = 0
+    if not worker_dir.is_dir():
+        return 0
+    for path in worker_dir.iterdir():
+        pid_text = path.name.rpartition("-")[2]
+        if not path.is_dir() or not pid_text.isdigit():
+            continue
+        pid = int(pid_text)
+        if pid == os.getpid() or _alive(pid):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -8,9 +8,10 @@ The check works from the outside, from what is on the broker after the workers s
 * the state topic holds every key's final state (highest applied offset wins, as a restore
   reads it): it must equal the offline full-sequence pass over the key's tokens, h and c, to
   1e-5, and carry the key's last offset and token count;
-* the predictions topic holds at least one prediction per token offset (at-least-once), and
-  every copy of every prediction equals the offline one at its position (top-5 probabilities
-  to 1e-5, candidates swapping places only between near-ties).
+* the predictions topic holds at least one prediction per token offset (at-least-once; exactly
+  one for a read_committed reader under exactly-once), and every copy of every prediction
+  equals the offline one at its position (top-5 probabilities to 1e-5, candidates swapping
+  places only between near-ties).
 
 Example::
 
@@ -263,13 +264,20 @@ def wait_consumed(
 
 
 # --------------------------------------------------------------------------- reading back
-def _read_all(bootstrap: str, topic: str, partitions: int) -> list[Any]:
-    """Every record of ``topic`` up to its current end (group-less, nothing committed)."""
+def _read_all(
+    bootstrap: str, topic: str, partitions: int, isolation: str = "read_committed"
+) -> list[Any]:
+    """Every record of ``topic`` up to its current end (group-less, nothing committed).
+
+    ``read_committed`` (default): what a transactional reader sees (aborted writes of killed
+    or fenced workers left out); the end is then the last stable offset.
+    """
     consumer = KafkaConsumer(
         bootstrap_servers=bootstrap,
         group_id=None,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
+        isolation_level=isolation,
         max_partition_fetch_bytes=8 << 20,
         fetch_max_bytes=64 << 20,
     )
@@ -329,12 +337,60 @@ def read_states(bootstrap: str, topics: StreamTopics) -> dict[str, StoredState]:
     return asyncio.run(read())
 
 
-def read_predictions_raw(bootstrap: str, topics: StreamTopics) -> list[dict[str, Any]]:
+def read_predictions_raw(
+    bootstrap: str, topics: StreamTopics, isolation: str = "read_committed"
+) -> list[dict[str, Any]]:
     """Every copy of every prediction (duplicates included: at-least-once)."""
     return [
         decode_prediction(r.value)
-        for r in _read_all(bootstrap, topics.predictions, topics.partitions)
+        for r in _read_all(bootstrap, topics.predictions, topics.partitions, isolation)
     ]
+
+
+def read_states_last_written(bootstrap: str, topics: StreamTopics) -> dict[str, StoredState]:
+    """Every key's state as log compaction would keep it: the LAST committed record per key in
+    log order (a tombstone deletes), not the highest applied offset."""
+    states: dict[str, StoredState] = {}
+    for rec in _read_all(bootstrap, state_topic(topics.tokens), topics.partitions):
+        key = rec.key.decode()
+        if rec.value is None:
+            states.pop(key, None)
+        else:
+            states[key] = decode_state(rec.value)
+    return states
+
+
+def count_records(bootstrap: str, topic: str, partitions: int) -> int:
+    """How many records (tombstones included) ``topic`` holds now, read_uncommitted."""
+    return len(_read_all(bootstrap, topic, partitions, "read_uncommitted"))
+
+
+def compact_fast(bootstrap: str, topic: str) -> None:
+    """Make the broker compact ``topic`` within seconds: segments rolled every 200 ms (and at
+    1 MiB, Kafka 4's smallest), any dirty ratio worth cleaning, tombstones kept only 1 s."""
+    from kafka.admin import ConfigResource, ConfigResourceType
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="chaos-compact")
+    try:
+        result = admin.alter_configs(
+            [
+                ConfigResource(
+                    ConfigResourceType.TOPIC,
+                    topic,
+                    configs={
+                        "segment.ms": "200",
+                        "segment.bytes": str(1 << 20),
+                        "min.cleanable.dirty.ratio": "0.001",
+                        "min.compaction.lag.ms": "0",
+                        "delete.retention.ms": "1000",
+                        "cleanup.policy": "compact",
+                    },
+                )
+            ]
+        )
+        assert "Error" not in str(result), f"the broker refused the topic configs: {result}"
+    finally:
+        admin.close()
 
 
 def state_history(bootstrap: str, topics: StreamTopics, key: str, log: KeyLog) -> str:
@@ -422,10 +478,21 @@ def verify_exact(
     model_dir: Path,
     *,
     predictions: bool = True,
+    exactly_once: bool = True,
+    last_written: bool = False,
 ) -> Verdict:
-    """The contract, checked from the broker's topics (see the module docstring)."""
+    """The contract, checked from the broker's topics (see the module docstring).
+
+    ``exactly_once``: a read_committed reader must see every prediction exactly once.
+    ``last_written``: take each key's state as compaction keeps it (the last record written),
+    not as a restore picks it (the highest applied offset).
+    """
     logs = read_log(bootstrap, topics)
-    states = read_states(bootstrap, topics)
+    states = (
+        read_states_last_written(bootstrap, topics)
+        if last_written
+        else read_states(bootstrap, topics)
+    )
     offline = offline_pass(model_dir, logs)
     n_tokens = sum(len(log.tokens) for log in logs.values())
     assert set(states) == set(logs), (
@@ -454,7 +521,13 @@ def verify_exact(
     assert not wrong, f"{len(wrong)} keys' states differ from offline: {wrong[:10]}"
     if not predictions:
         return Verdict(len(logs), n_tokens, 0, 0, worst, 0.0, 0)
-    return _check_predictions(bootstrap, topics, model_dir, logs, offline, n_tokens, worst)
+    verdict = _check_predictions(bootstrap, topics, model_dir, logs, offline, n_tokens, worst)
+    if exactly_once:
+        assert verdict.duplicates == 0, (
+            f"a read_committed reader saw {verdict.duplicates} duplicate predictions under "
+            "exactly-once"
+        )
+    return verdict
 
 
 def _check_predictions(

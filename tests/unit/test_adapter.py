@@ -216,13 +216,21 @@ def test_streamed_through_the_adapter_equals_offline_scoring() -> None:
         assert list(got["probs"].values()) == pytest.approx(list(want["probs"].values()), abs=1e-5)
 
 
-def test_a_failed_batch_is_dead_lettered_whole() -> None:
+def test_outputs_are_grouped_by_source_partition() -> None:
+    """Exactly-once puts each output into the transaction of the partition that caused it."""
     adapter = Adapter(VOCAB)
-    records = [_rec(b'{"v":1,"type":"token","token":"a"}', offset=o) for o in range(3)]
-    out = adapter.reject_all(records, RuntimeError("boom"))
-    letters = _letters(out.dead_letters)
-    assert [d["offset"] for d in letters] == [0, 1, 2] and out.predictions == []
-    assert all(d["reason"] == "bad_value" and "boom" in d["detail"] for d in letters)
+    records = [
+        RawRecord(b"k1", b'{"v":1,"type":"token","token":"a"}', "t", 2, 10),
+        RawRecord(b"k2", b"not json", "t", 0, 4),
+        RawRecord(b"k3", b'{"v":1,"type":"token","token":"b"}', "t", 0, 5),
+        RawRecord(b"k1", b'{"v":1,"type":"token","token":"b"}', "t", 2, 11),
+    ]
+    out = adapter.process(records, _engine())
+    grouped = out.by_source()
+    assert sorted(grouped) == [0, 2]
+    assert [decode_prediction(v)["id"] for _, v in grouped[2][0]] == ["2:10", "2:11"]
+    assert [decode_prediction(v)["id"] for _, v in grouped[0][0]] == ["0:5"]
+    assert [d["offset"] for d in _letters(grouped[0][1])] == [4] and grouped[2][1] == []
 
 
 def test_engine_rejection_of_a_generate_becomes_a_dead_letter() -> None:

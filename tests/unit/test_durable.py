@@ -34,7 +34,12 @@ class FlakyWriter:
         self.written: dict[str, StoredState] = {}
         self.bytes = 0
 
-    async def write(self, partition: int, states: Sequence[tuple[str, StoredState]]) -> int:
+    async def write(
+        self,
+        partition: int,
+        states: Sequence[tuple[str, StoredState]],
+        deleted: Sequence[tuple[str, int]] = (),
+    ) -> int:
         if self.failures:
             self.failures -= 1
             raise ConnectionError("broker unreachable")
