@@ -306,12 +306,19 @@ def wait_for(
 
 # ------------------------------------------------------------------------------- measuring
 class Offsets:
-    """End offsets and first/last records of a topic's partitions (kafka-python, no group)."""
+    """End offsets and first/last records of a topic's partitions (kafka-python, no group).
+
+    read_committed: under exactly-once the last offsets of a partition are transaction markers
+    (not records) and open transactions are not visible yet.
+    """
 
     def __init__(self, bootstrap: str, topic: str, partitions: int) -> None:
         self.tps = [KTopicPartition(topic, p) for p in range(partitions)]
         self.consumer = KafkaConsumer(
-            bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False
+            bootstrap_servers=bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            isolation_level="read_committed",
         )
 
     def total(self) -> int:
@@ -325,29 +332,44 @@ class Offsets:
         for tp in self.tps:
             if not ends[tp]:
                 continue
-            for offset, out in ((0, firsts), (ends[tp] - 1, lasts)):
-                out.append(json.loads(self._record_at(tp, offset))[field_name])
+            firsts.append(json.loads(self._records_from(tp, 0, ends[tp])[0])[field_name])
+            # the last record is among the last offsets (markers take some under transactions)
+            tail = self._records_from(tp, max(0, ends[tp] - 64), ends[tp], all_of_them=True)
+            lasts.append(max(json.loads(v)[field_name] for v in tail))
         return min(firsts), max(lasts), sum(ends.values())
 
-    def _record_at(self, tp: KTopicPartition, offset: int) -> bytes:
+    def _records_from(
+        self, tp: KTopicPartition, offset: int, end: int, *, all_of_them: bool = False
+    ) -> list[bytes]:
         self.consumer.assign([tp])
         self.consumer.seek(tp, offset)
+        values: list[bytes] = []
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            for records in self.consumer.poll(timeout_ms=500, max_records=1).values():
-                value: bytes = records[0].value
-                return value
-        raise TimeoutError(f"could not read {tp.topic}:{tp.partition}@{offset}")
+        while time.monotonic() < deadline and self.consumer.position(tp) < end:
+            for records in self.consumer.poll(timeout_ms=500, max_records=64).values():
+                values += [r.value for r in records]
+            if values and not all_of_them:
+                return values
+        if not values:
+            raise TimeoutError(f"could not read {tp.topic}:{tp.partition}@{offset}..{end}")
+        return values
 
     def close(self) -> None:
         self.consumer.close()
 
 
 def drain_rate(
-    bootstrap: str, layout: TopicLayout, n: int, proc: Proc, timeout_s: float
+    bootstrap: str,
+    layout: TopicLayout,
+    n: int,
+    proc: Proc,
+    timeout_s: float,
+    port: int | None = None,
 ) -> dict[str, float]:
     """Wait for ``n`` predictions; tokens/s between the first and the last one (their ``ts``).
 
+    With a worker's status ``port``, its own count of predictions says when (offsets count
+    transaction markers too); the last transaction then commits within a commit interval.
     A worker that has more than ``n`` tokens to read may have written more by then: the rate
     counts every prediction up to the last one read.
     """
@@ -356,16 +378,22 @@ def drain_rate(
     cpu: list[tuple[int, float]] = []
 
     def done() -> bool:
-        total = offsets.total()
+        if port is not None:
+            total = int((status(port) or {}).get("predictions", 0))
+        else:
+            total = offsets.total()
         if total:
             cpu[1 if cpu else 0 :] = [(total, proc.cpu_seconds())]
         return total >= n
 
     try:
         wait_for(done, proc, f"{n} predictions", timeout_s)
+        if port is not None:
+            time.sleep(1.0)  # the last transaction commits (0.1 s by default)
         first, last, count = offsets.span("ts")
     finally:
         offsets.close()
+    count = n if port is not None else count
     seconds = max(last - first, 1e-9)
     return {"tokens": count, "seconds": seconds, "rate": count / seconds, **_cpu(cpu)}
 
@@ -398,7 +426,9 @@ def measure_worker(
     """
     proc, port = start_worker(bootstrap, model_dir, layout, cfg, workdir, env=env, args=args)
     try:
-        result: dict[str, Any] = drain_rate(bootstrap, layout, n, proc, cfg.drain_timeout_s)
+        result: dict[str, Any] = drain_rate(
+            bootstrap, layout, n, proc, cfg.drain_timeout_s, port=port
+        )
         result["status"] = status(port) or {}
         skipped = result["status"].get("skipped_redelivered", 0)
         if skipped:
@@ -535,7 +565,10 @@ async def latency_run(
     with its send time; a consumer in the same loop receives the predictions.
     """
     decode = msgspec.json.Decoder(_Pred).decode
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    # as a reader of an exactly-once worker must read: only committed transactions
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, isolation_level="read_committed"
+    )
     await consumer.start()
     sender = OutputSender(bootstrap, client_id="broker-bench-paced", linger_ms=0)
     await sender.start()
@@ -638,28 +671,35 @@ def run(
         )
         log(f"direct aiokafka + engine loop: {rows['direct']['rate']:,.0f} tokens/s")
 
-    worker_topics = fresh_backlog("worker")
-    rows["worker"], worker, port = measure_worker(
-        bootstrap, model_dir, worker_topics, cfg.tokens, cfg, workdir, keep=True
-    )
-    log(f"worker: {rows['worker']['rate']:,.0f} tokens/s")
-    assert worker is not None
-    try:
-        before = status(port) or {}
-        rate = cfg.latency_rate or rows["worker"]["rate"] / 2
-        results["latency"] = asyncio.run(
-            latency_run(bootstrap, worker_topics, rate, cfg.latency_seconds, cfg)
+    # The worker under each guarantee, back to back on the same messages: backlog drain, then
+    # the latency a read_committed reader sees at half of that guarantee's maximum.
+    for row, latency_key, extra in (
+        ("worker", "latency", []),
+        ("worker_alo", "latency_alo", ["--guarantee", "at-least-once"]),
+    ):
+        worker_topics = fresh_backlog(row)
+        rows[row], worker, port = measure_worker(
+            bootstrap, model_dir, worker_topics, cfg.tokens, cfg, workdir, args=extra, keep=True
         )
-        after = status(port) or {}
-        lat = results["latency"]
-        lat["worker"] = {  # what the worker did during the latency run
-            k: after.get(k, 0) - before.get(k, 0)
-            for k in ("batches", "tokens", "checkpoints", "checkpoint_seconds", "busy_s")
-        }
-        log(f"latency at {lat['rate_sent']:,.0f} tokens/s: end to end p50 "
-            f"{lat['end_to_end_s']['p50'] * 1e3:.0f} ms, p99 {lat['end_to_end_s']['p99'] * 1e3:.0f} ms")  # fmt: skip
-    finally:
-        worker.stop()
+        log(f"{row}: {rows[row]['rate']:,.0f} tokens/s")
+        assert worker is not None
+        try:
+            before = status(port) or {}
+            rate = cfg.latency_rate or rows[row]["rate"] / 2
+            results[latency_key] = asyncio.run(
+                latency_run(bootstrap, worker_topics, rate, cfg.latency_seconds, cfg)
+            )
+            after = status(port) or {}
+            lat = results[latency_key]
+            lat["worker"] = {  # what the worker did during the latency run
+                k: after.get(k, 0) - before.get(k, 0)
+                for k in ("batches", "tokens", "checkpoints", "checkpoint_seconds", "busy_s",
+                          "commits", "transactions", "commit_seconds")
+            }  # fmt: skip
+            log(f"{latency_key} at {lat['rate_sent']:,.0f} tokens/s: end to end p50 "
+                f"{lat['end_to_end_s']['p50'] * 1e3:.0f} ms, p99 {lat['end_to_end_s']['p99'] * 1e3:.0f} ms")  # fmt: skip
+        finally:
+            worker.stop()
 
     if cfg.faust_refs:
         for mode, row in (
@@ -692,6 +732,7 @@ def run(
     results["ratios"] = {
         "worker/ceiling": worker_rate / rows["ceiling"]["rate"],
         "worker/naive": worker_rate / rows["naive"]["rate"],
+        "exactly-once/at-least-once": worker_rate / rows["worker_alo"]["rate"],
     }
     if "queue" in rows:
         results["ratios"]["worker/empty faust agent"] = worker_rate / rows["queue"]["rate"]
@@ -710,7 +751,8 @@ def report(results: dict[str, Any]) -> str:
         f"{'path':<44} {'messages':>9} {'tokens/s':>10} {'worker / it':>12} {'CPU us/token':>13}",
     ]
     names = {
-        "worker": "stream-rnn worker (backlog drain)",
+        "worker": "stream-rnn worker, exactly-once (drain)",
+        "worker_alo": "stream-rnn worker, at-least-once (drain)",
         "queue": "faust agent, worker's take_batches, empty",
         "take": "faust take_events, empty agent",
         "events": "faust stream.events(), empty agent",
@@ -729,23 +771,30 @@ def report(results: dict[str, Any]) -> str:
     ratios = results["ratios"]
     lines.append(
         f"targets: worker/ceiling >= 0.5 ({ratios['worker/ceiling']:.2f}), "
-        f"worker/naive >= 5 ({ratios['worker/naive']:.1f})"
+        f"worker/naive >= 5 ({ratios['worker/naive']:.1f}), exactly-once/at-least-once >= 0.8 "
+        f"({ratios['exactly-once/at-least-once']:.2f})"
     )
-    lat = results["latency"]
-    done = lat.get("worker", {})
-    if done.get("batches"):
-        lines.append(
-            f"latency run: {done['batches']} micro-batches of {done['tokens'] / done['batches']:.0f} "
-            f"tokens on average, {done['checkpoints']} checkpoints taking "
-            f"{done['checkpoint_seconds']:.1f} s in all"
-        )
-    for what, key in (("worker latency_s", "worker_latency_s"), ("end to end", "end_to_end_s")):
-        p = lat[key]
-        lines.append(
-            f"latency at {lat['rate_sent']:,.0f} tokens/s ({lat['received']:,} predictions), "
-            f"{what}: p50 {p['p50'] * 1e3:.1f} ms, p99 {p['p99'] * 1e3:.1f} ms, "
-            f"max {p['max'] * 1e3:.1f} ms"
-        )
+    for guarantee, latency_key in (("exactly-once", "latency"), ("at-least-once", "latency_alo")):
+        lat = results[latency_key]
+        done = lat.get("worker", {})
+        if done.get("batches"):
+            lines.append(
+                f"{guarantee} latency run: {done['batches']} micro-batches of "
+                f"{done['tokens'] / done['batches']:.0f} tokens on average, "
+                f"{done.get('commits', 0)} commits ({done.get('transactions', 0)} transactions, "
+                f"{done.get('commit_seconds', 0.0):.1f} s), {done['checkpoints']} checkpoints "
+                f"({done['checkpoint_seconds']:.1f} s)"
+            )
+        for what, key in (
+            ("worker latency_s", "worker_latency_s"),
+            ("read_committed reader", "end_to_end_s"),
+        ):
+            p = lat[key]
+            lines.append(
+                f"{guarantee} latency at {lat['rate_sent']:,.0f} tokens/s ({lat['received']:,} "
+                f"predictions), {what}: p50 {p['p50'] * 1e3:.1f} ms, p99 {p['p99'] * 1e3:.1f} ms, "
+                f"max {p['max'] * 1e3:.1f} ms"
+            )
     for entry in results.get("sweep", []):
         lines.append(
             f"sweep: {entry['setting']:<40} {entry['rate']:>8,.0f} tokens/s, "

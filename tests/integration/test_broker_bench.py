@@ -42,7 +42,9 @@ def test_every_path_of_the_broker_benchmark_measures(kafka_broker: str, tmp_path
     results = bench.run(kafka_broker, cfg, tmp_path, log=lambda _line: None)
 
     rows = results["rows"]
-    assert set(rows) == {"worker", "ceiling", "direct", "queue", "take", "events", "naive"}
+    assert set(rows) == {
+        "worker", "worker_alo", "ceiling", "direct", "queue", "take", "events", "naive"
+    }  # fmt: skip
     for name, row in rows.items():
         want = cfg.naive_tokens if name == "naive" else cfg.tokens
         assert row["tokens"] >= want, (name, row)
@@ -50,15 +52,22 @@ def test_every_path_of_the_broker_benchmark_measures(kafka_broker: str, tmp_path
         # NaN when one poll saw the whole (tiny) drain; never negative
         assert not row["cpu_us_per_token"] < 0, (name, row)
     assert rows["worker"]["status"]["dead_letters"] == {}
-    assert results["ratios"]["worker/ceiling"] > 0 and results["ratios"]["worker/naive"] > 0
+    assert rows["worker"]["status"]["guarantee"] == "exactly-once"
+    assert rows["worker_alo"]["status"]["guarantee"] == "at-least-once"
+    assert rows["worker"]["status"]["transactions"] > 0
+    ratios = results["ratios"]
+    assert ratios["worker/ceiling"] > 0 and ratios["worker/naive"] > 0
+    assert ratios["exactly-once/at-least-once"] > 0
 
-    latency = results["latency"]
-    assert latency["sent"] > 0 and latency["received"] >= latency["sent"]
-    for key in ("worker_latency_s", "end_to_end_s"):
-        p = latency[key]
-        assert 0 <= p["p50"] <= p["p99"] <= p["max"], (key, p)
-    # the worker's own latency stops before delivery; end to end includes it
-    assert latency["worker_latency_s"]["p50"] <= latency["end_to_end_s"]["p50"]
+    for key in ("latency", "latency_alo"):
+        latency = results[key]
+        # read_committed: every paced token's prediction arrives, once
+        assert latency["sent"] > 0 and latency["received"] == latency["sent"], latency
+        for which in ("worker_latency_s", "end_to_end_s"):
+            p = latency[which]
+            assert 0 <= p["p50"] <= p["p99"] <= p["max"], (key, which, p)
+        # the worker's own latency stops before delivery; end to end includes it
+        assert latency["worker_latency_s"]["p50"] <= latency["end_to_end_s"]["p50"]
 
     text = bench.report(results)
-    assert "targets:" in text and "latency at" in text
+    assert "targets:" in text and "exactly-once latency at" in text
