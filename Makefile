@@ -1,5 +1,5 @@
 # The two set-up commands of the README. Both install what they need themselves.
-.PHONY: demo test lint setup
+.PHONY: demo test lint setup chaos
 
 setup:
 	bash deploy/bootstrap.sh
@@ -16,3 +16,8 @@ lint: setup
 	.venv/bin/ruff check stream_rnn tests simulations
 	.venv/bin/ruff format --check stream_rnn tests simulations
 	.venv/bin/mypy
+
+# Only the chaos tests (real broker: kills, SIGSTOP zombies, broker outages, compaction,
+# rebalances, engine faults, 100k-key deletion and recovery); about 12 minutes.
+chaos: setup
+	.venv/bin/python -m pytest tests/chaos -p no:cacheprovider

@@ -190,7 +190,12 @@ class StreamWorker:
         client_id = f"{opts.group}-{os.getpid()}"
         self.sender = OutputSender(opts.bootstrap, client_id=client_id)
         self.txns = PartitionTransactions(
-            opts.bootstrap, group=opts.group, tokens_topic=opts.tokens_topic, client_id=client_id
+            opts.bootstrap,
+            group=opts.group,
+            tokens_topic=opts.tokens_topic,
+            client_id=client_id,
+            floor=lambda p: self.protocol.floor.get(p, 0),
+            read_committed=self._read_committed_one,
         )
         self.assigned: list[int] = []
         self._executor = engine_executor(opts.engine_thread)
@@ -271,6 +276,9 @@ class StreamWorker:
         await self.durable.release(partitions, checkpoint=not self.exactly_once)
         if self.exactly_once:
             await self.txns.close(partitions)
+
+    async def _read_committed_one(self, partition: int) -> int:
+        return (await self._read_committed([partition]))[partition]
 
     async def _read_committed(self, partitions: list[int]) -> dict[int, int]:
         consumer = AIOKafkaConsumer(
@@ -419,23 +427,29 @@ class StreamWorker:
             await self._checkpoint_and_commit(force)
 
     async def _commit_transactions(self, force: bool) -> None:
-        async with self._commit_lock, self._batch_lock:
-            extra = self.durable.has_changes() or any(
-                self.txns.is_open(p) for p in self.txns.partitions
-            )
-            if not (force and (self.protocol.pending or extra)) and not self.protocol.due(
-                extra=extra
-            ):
-                return
+        if not force and self._commit_lock.locked():
+            return  # one in flight; the next is due after it
+        async with self._commit_lock:
             started = time.monotonic()
-            plan = self.protocol.begin(force=force)
-            owned = [p for p in self.txns.partitions if p in self.protocol.owned]
-            changes = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self.durable.take_changes, owned
-            )
-            todo = sorted(
-                p for p in owned if p in plan.offsets or p in changes or self.txns.is_open(p)
-            )
+            async with self._batch_lock:
+                extra = self.durable.has_changes() or any(
+                    self.txns.is_open(p) for p in self.txns.partitions
+                )
+                if not (force and (self.protocol.pending or extra)) and not self.protocol.due(
+                    extra=extra
+                ):
+                    return
+                plan = self.protocol.begin(force=force)
+                owned = [p for p in self.txns.partitions if p in self.protocol.owned]
+                changes = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self.durable.take_changes, owned
+                )
+                todo = sorted(
+                    p for p in owned if p in plan.offsets or p in changes or self.txns.is_open(p)
+                )
+                # What the commit holds is fixed here; micro-batches may run while it is under
+                # way (their outputs wait for the next transaction of their partition).
+                self.txns.prepare_commit(todo)
             try:
                 sizes = await asyncio.wait_for(
                     asyncio.gather(

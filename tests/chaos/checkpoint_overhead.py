@@ -47,7 +47,8 @@ def drain(
     rng = random.Random(1)
     names = [f"key-{i:06d}" for i in range(keys)]
     argv = ["--model", str(model_dir), "--bootstrap", bootstrap, "--group", f"ovh-{tag}"]
-    argv += [*topics.worker_args(), "--max-batch", "1024"]
+    # at-least-once: checkpoints are its own (exactly-once writes states in every transaction)
+    argv += [*topics.worker_args(), "--max-batch", "1024", "--guarantee", "at-least-once"]
     env = {
         "STREAM_RNN_WORKER_DIR": str(workdir / "workers"),
         "OMP_NUM_THREADS": "1",

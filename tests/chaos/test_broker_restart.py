@@ -46,12 +46,14 @@ def test_workers_ride_out_a_broker_restart(
     load = TokenLoad(kafka_broker, topics.tokens, keys, n=N_TOKENS, rate=RATE, seed=3)
     load.start()
     exits: list[int] = []
+    exit_logs: list[str] = []
 
     def supervise() -> None:
         """Record (and replace) a worker that exited: the test fails on it afterwards."""
         for i, w in enumerate(workers):
             if not w.alive():
                 exits.append(w.proc.returncode)
+                exit_logs.append(w.log_tail(30))
                 workers[i] = pool.start()
 
     time.sleep(STOP_AT_S)
@@ -73,7 +75,9 @@ def test_workers_ride_out_a_broker_restart(
     drained = wait_consumed(kafka_broker, group, topics, timeout=180, workers=lambda: workers)
     for w in workers:
         assert w.stop() == 0, f"graceful stop failed:\n{w.log_tail()}"
-    assert not exits, f"workers exited during the outage with {exits}"
+    assert not exits, f"workers exited during the outage with {exits}:\n" + "\n---\n".join(
+        exit_logs
+    )
     verdict = verify_exact(kafka_broker, topics, gru_model)
     elapsed = time.monotonic() - started
     print(
