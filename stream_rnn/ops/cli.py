@@ -63,6 +63,7 @@ _register()
 
 def main() -> None:
     """Console-script entry point; user errors become one clear line and exit status 2."""
+    from stream_rnn.engine.exceptions import EngineError
     from stream_rnn.model.exceptions import ModelError
     from stream_rnn.ops.exceptions import OpsError
     from stream_rnn.registry.exceptions import RegistryError
@@ -77,7 +78,7 @@ def main() -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except (ModelError, TrainError, RegistryError, OpsError, StreamError) as exc:
+    except (ModelError, TrainError, RegistryError, OpsError, StreamError, EngineError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except FileNotFoundError as exc:

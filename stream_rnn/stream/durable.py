@@ -1,7 +1,9 @@
 """Crash-proof state for a worker: restore on assignment, incremental checkpoints, late commits.
 
-How the exactly-once effect on state is kept (the Kafka Streams recipe, without faust's
-``exactly_once`` mode):
+Under exactly-once the worker takes each partition's changes with `DurableState.take_changes`
+and commits them in that partition's transaction (`stream_rnn.stream.txn`); what follows is the
+at-least-once path, which keeps the exactly-once *effect on state* (the Kafka Streams recipe,
+without faust's ``exactly_once`` mode):
 
 * every state carries the source offset of the last event applied to it; the engine skips
   events at or below it, so redeliveries after a crash or rebalance never apply twice;
@@ -16,8 +18,9 @@ How the exactly-once effect on state is kept (the Kafka Streams recipe, without 
   offset, loaded still encoded into the on-disk store); a revoked partition gets a last
   checkpoint and leaves the pool.
 
-Predictions are at-least-once: tokens processed after the last checkpoint are processed again
-after a crash and their predictions sent again, with the same ``partition:offset`` id.
+At-least-once predictions: tokens processed after the last checkpoint are processed again after
+a crash and their predictions sent again, with the same ``partition:offset`` id. Deleted keys
+(``end``, retention) are written as tombstones by the same checkpoint or transaction.
 The chaos tests (``tests/chaos``) hold this to the offline pass through kills, rebalances, a
 broker restart and 40,000 keys through a pool of 1,000.
 """

@@ -3,9 +3,11 @@
 A record's key is the sequence key; its value is a small JSON header line followed by the raw
 state tensors (no pickle — states are data). The header carries the key's last applied
 source offset, so a restore is exactly-once per key: tokens of the key at or below that offset
-are redeliveries and are skipped. Compaction keeps the newest record per key, which is exactly
-what a restore needs; restoring takes the record with the highest offset per key anyway, so a
-late write from a stale owner cannot move a key backwards.
+are redeliveries and are skipped. A deleted key (``end``, state retention) gets a tombstone
+whose header carries the offset that deleted it. Restores read committed records only and take
+per key the record with the highest applied offset (a tombstone at or above it deletes), so a
+late write from a stale owner cannot move a key backwards; under exactly-once the last record
+written per key is also the newest, so what compaction keeps is always right.
 
 Example::
 

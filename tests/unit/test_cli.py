@@ -196,3 +196,15 @@ def test_user_errors_are_one_clear_line(workdir: Path, tmp_path: Path) -> None:
     assert bad.returncode == 2 and "line 1 of" in bad.stderr and "Traceback" not in bad.stderr
     bad = _run("info", "--model", str(tmp_path))
     assert bad.returncode == 2 and "manifest.json is missing" in bad.stderr
+
+
+def test_stream_commands_offer_the_guarantee_flags() -> None:
+    runner = CliRunner()
+    worker = runner.invoke(cli, ["worker", "--help"]).output
+    for flag in ("--guarantee", "--commit-interval", "--state-retention", "--broker-timeout"):
+        assert flag in worker, flag
+    assert "exactly-once" in worker and "at-least-once" in worker
+    collect = runner.invoke(cli, ["collect", "--help"]).output
+    assert "--isolation" in collect and "read_committed" in collect
+    bad = runner.invoke(cli, ["worker", "--model", ".", "--guarantee", "sometimes"])
+    assert bad.exit_code == 2 and "sometimes" in bad.output
