@@ -198,6 +198,10 @@ class CommitProtocol:
             retry_in_s=delay,
         )
 
+    def skip_backoff(self) -> None:
+        """A forced commit (revocation, shutdown) does not wait for a backoff to run out."""
+        self._retry_at = 0.0
+
     def ready(self) -> bool:
         """No commit in flight and no backoff running: a commit may start."""
         return self.in_flight is None and self.clock() >= self._retry_at

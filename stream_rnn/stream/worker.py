@@ -493,7 +493,7 @@ class StreamWorker:
             if not self.protocol.ready():
                 if not force:
                     return
-                self.protocol._retry_at = 0.0  # a forced commit does not wait for a backoff
+                self.protocol.skip_backoff()
             if not force:
                 if self.durable.enabled:
                     if not (self.durable.due() or self.durable.has_changes()):
