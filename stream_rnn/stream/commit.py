@@ -86,6 +86,7 @@ class CommitProtocol:
     failures: int = 0  # failed commits in a row
     commits: int = 0
     _last_commit: float = 0.0
+    _began: float = 0.0
     _retry_at: float = 0.0
 
     def __post_init__(self) -> None:
@@ -146,16 +147,15 @@ class CommitProtocol:
         plan = CommitPlan(dict(self.pending), force)
         self.pending = {}
         self.in_flight = plan
+        self._began = self.clock()
         return plan
 
     def succeeded(self, plan: CommitPlan) -> None:
         self._end(plan)
         self.failures = 0
         self.commits += 1
-        # the interval runs from the end of a commit: commits never follow each other back to
-        # back (each has a fixed cost: with the interval counted from their start, a slow
-        # broker made them continuous and smaller, and throughput fell)
-        self._last_commit = self.clock()
+        # the interval runs from the start of a commit: a slow commit is followed at once
+        self._last_commit = self._began
         for p, off in plan.offsets.items():
             if p in self.owned:
                 self.floor[p] = max(self.floor[p], off)

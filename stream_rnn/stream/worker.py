@@ -61,7 +61,7 @@ from stream_rnn.stream import faust_boundary as fb
 from stream_rnn.stream.adapter import Adapter, CountingSensor, Outputs, RawRecord
 from stream_rnn.stream.batches import take_batches
 from stream_rnn.stream.commit import EXIT_TEMPFAIL, CommitPlan, CommitProtocol, Decision
-from stream_rnn.stream.durable import Changes, DurableState, Snapshot
+from stream_rnn.stream.durable import DurableState, Snapshot
 from stream_rnn.stream.exceptions import StreamError
 from stream_rnn.stream.executor import engine_executor
 from stream_rnn.stream.sender import OutputSender
@@ -228,13 +228,6 @@ class StreamWorker:
         # micro-batch.
         self._batch_lock = asyncio.Lock()
         self._commit_lock = asyncio.Lock()  # one commit at a time
-        # Exactly-once: micro-batches run while a commit is under way (their outputs wait for
-        # the next transaction), but at most this many tokens' worth, so that what the next
-        # commit holds (changed states, kept outputs) stays bounded however slow the broker is.
-        self._overlap_limit = 2 * opts.max_batch
-        self._overlap_tokens = 0
-        self._commit_idle = asyncio.Event()
-        self._commit_idle.set()
         # at-least-once: the checkpoint being written in the background, if any
         self._checkpointing: asyncio.Task[None] | None = None
         self.stopping = False
@@ -336,9 +329,6 @@ class StreamWorker:
             last: dict[int, int] = {}
             for r in records:
                 last[r.partition] = r.offset
-            if not self._commit_idle.is_set() and self._overlap_tokens >= self._overlap_limit:
-                await self._commit_idle.wait()  # backpressure: see _overlap_limit
-            self._overlap_tokens += len(records)
             await self.durable.ensure_restored(last)
             loop = asyncio.get_running_loop()
             try:
@@ -460,10 +450,22 @@ class StreamWorker:
                 # What the commit holds is fixed here; micro-batches may run while it is under
                 # way (their outputs wait for the next transaction of their partition).
                 self.txns.prepare_commit(todo)
-                self._overlap_tokens = 0
-                self._commit_idle.clear()
             try:
-                sizes = await self._commit_partitions(plan, todo, changes)
+                sizes = await asyncio.wait_for(
+                    asyncio.gather(
+                        *(
+                            self.txns.commit(
+                                p,
+                                self.durable.state_topic,
+                                changes[p].states if p in changes else [],
+                                changes[p].deleted if p in changes else [],
+                                plan.offsets.get(p),
+                            )
+                            for p in todo
+                        )
+                    ),
+                    self.opts.broker_timeout_s,
+                )
             except (KafkaError, StreamError, TimeoutError) as err:
                 if isinstance(err, TimeoutError):
                     err = StreamError(
@@ -472,8 +474,6 @@ class StreamWorker:
                     )
                 await self.fail(self.protocol.failed(plan, err, fenced=isinstance(err, Fenced)))
                 return
-            finally:
-                self._commit_idle.set()
             self.protocol.succeeded(plan)
             s = self.sensor
             s.commits += 1
@@ -481,23 +481,6 @@ class StreamWorker:
             s.commit_seconds += time.monotonic() - started
             s.checkpoint_records += sum(len(c.states) + len(c.deleted) for c in changes.values())
             s.checkpoint_bytes += sum(sizes)
-
-    async def _commit_partitions(
-        self, plan: CommitPlan, todo: list[int], changes: dict[int, Changes]
-    ) -> list[int]:
-        """One transaction per partition in ``todo``, concurrently, within the broker timeout."""
-        empty = Changes([], [])
-        commits = [
-            self.txns.commit(
-                p,
-                self.durable.state_topic,
-                changes.get(p, empty).states,
-                changes.get(p, empty).deleted,
-                plan.offsets.get(p),
-            )
-            for p in todo
-        ]
-        return list(await asyncio.wait_for(asyncio.gather(*commits), self.opts.broker_timeout_s))
 
     async def _checkpoint_and_commit(self, force: bool) -> None:
         task = self._checkpointing
