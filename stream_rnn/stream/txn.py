@@ -256,13 +256,17 @@ class PartitionTransactions:
                 part.producer, state_topic, partition, states, deleted
             )
             part.futures += futures
+            # Every batch of the transaction must be acknowledged before the commit is asked
+            # for: aiokafka fails a batch on its own (one that waited longer than the request
+            # timeout for a partition leader, as in a broker restart) and still commits the
+            # transaction, offsets included, without it. A failed batch breaks the transaction
+            # here instead, and the recovery sends everything again.
+            await asyncio.gather(*part.futures)
             if next_offset is not None:
                 await part.producer.send_offsets_to_transaction(
                     {TopicPartition(self.tokens_topic, partition): next_offset}, self.group
                 )
             await part.producer.commit_transaction()
-            # every batch of the transaction is acknowledged once the commit returned
-            await asyncio.gather(*part.futures)
         finally:
             futures_done, part.futures = part.futures, []
             for fut in futures_done:  # retrieved here, or asyncio reports them as lost

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from aiokafka.errors import KafkaError, ProducerFenced
+from aiokafka.errors import KafkaError, NotLeaderForPartitionError, ProducerFenced
 
 from stream_rnn.engine.store import StoredState
 from stream_rnn.stream.txn import Fenced, PartitionTransactions
@@ -37,9 +37,16 @@ class FakeProducer:
     """Commits what was sent since begin_transaction into ``log`` (committed transactions)."""
 
     def __init__(
-        self, log: list[dict[str, Any]], fail_commits: int = 0, fence: bool = False
+        self,
+        log: list[dict[str, Any]],
+        fail_commits: int = 0,
+        fence: bool = False,
+        fail_batches: int = 0,
     ) -> None:
         self.log, self.fail_commits, self.fence = log, fail_commits, fence
+        # batches that fail on their own (aiokafka fails a batch that waited longer than the
+        # request timeout for a partition leader) while the transaction could still commit
+        self.fail_batches = fail_batches
         self.pending: dict[str, Any] = {}
         self.stopped = False
 
@@ -53,8 +60,12 @@ class FakeProducer:
         return {0, 1}
 
     async def send_batch(self, batch: FakeBatch, topic: str, partition: int) -> asyncio.Future[Any]:
-        self.pending["records"] += [(topic, partition, k, v) for k, v in batch.records]
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if self.fail_batches:
+            self.fail_batches -= 1
+            fut.set_exception(NotLeaderForPartitionError())
+            return fut
+        self.pending["records"] += [(topic, partition, k, v) for k, v in batch.records]
         fut.set_result(None)
         return fut
 
@@ -193,3 +204,24 @@ def test_outputs_sent_during_a_commit_wait_for_the_next_transaction() -> None:
 
     _run(scenario)
     assert [[v for *_, v in t["records"]] for t in log] == [[b"a"], [b"b"]]
+
+
+def test_a_failed_batch_is_never_committed_without_its_records() -> None:
+    # aiokafka commits a transaction even when one of its batches failed: the commit must not
+    # be asked for then, or the offsets commit without the outputs (seen in a broker restart)
+    log: list[dict[str, Any]] = []
+    first, second = FakeProducer(log, fail_batches=1), FakeProducer(log)
+    txns = _txns([first, second], committed=[10])
+
+    async def scenario() -> None:
+        await txns.open([0])
+        await txns.send(0, "preds", [(b"k", b"p1")])  # this batch fails after it was taken
+        await txns.send(0, "preds", [(b"k", b"p2")])
+        txns.prepare_commit([0])
+        await txns.commit(0, "state", [], [], next_offset=42)
+
+    _run(scenario)
+    assert first.stopped and txns.recoveries == 1
+    [txn] = log  # the broken transaction never committed; the new producer sent it all again
+    assert [v for *_, v in txn["records"]] == [b"p1", b"p2"]
+    assert txn["offsets"] == {0: 42}
