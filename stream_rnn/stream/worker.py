@@ -60,7 +60,13 @@ from stream_rnn.registry.checkpoint import load_checkpoint
 from stream_rnn.stream import faust_boundary as fb
 from stream_rnn.stream.adapter import Adapter, CountingSensor, Outputs, RawRecord
 from stream_rnn.stream.batches import take_batches
-from stream_rnn.stream.commit import EXIT_TEMPFAIL, CommitPlan, CommitProtocol, Decision
+from stream_rnn.stream.commit import (
+    EXIT_SOFTWARE,
+    EXIT_TEMPFAIL,
+    CommitPlan,
+    CommitProtocol,
+    Decision,
+)
 from stream_rnn.stream.durable import DurableState, Snapshot
 from stream_rnn.stream.exceptions import StreamError
 from stream_rnn.stream.executor import engine_executor
@@ -440,16 +446,22 @@ class StreamWorker:
                 ):
                     return
                 plan = self.protocol.begin(force=force)
-                owned = [p for p in self.txns.partitions if p in self.protocol.owned]
-                changes = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self.durable.take_changes, owned
-                )
-                todo = sorted(
-                    p for p in owned if p in plan.offsets or p in changes or self.txns.is_open(p)
-                )
-                # What the commit holds is fixed here; micro-batches may run while it is under
-                # way (their outputs wait for the next transaction of their partition).
-                self.txns.prepare_commit(todo)
+                try:
+                    owned = [p for p in self.txns.partitions if p in self.protocol.owned]
+                    changes = await asyncio.get_running_loop().run_in_executor(
+                        self._executor, self.durable.take_changes, owned
+                    )
+                    todo = sorted(
+                        p
+                        for p in owned
+                        if p in plan.offsets or p in changes or self.txns.is_open(p)
+                    )
+                    # What the commit holds is fixed here; micro-batches may run while it is
+                    # under way (their outputs wait for the next transaction of their partition).
+                    self.txns.prepare_commit(todo)
+                except BaseException as err:
+                    await self._commit_broke(plan, err)
+                    raise
             try:
                 sizes = await asyncio.wait_for(
                     asyncio.gather(
@@ -474,6 +486,9 @@ class StreamWorker:
                     )
                 await self.fail(self.protocol.failed(plan, err, fenced=isinstance(err, Fenced)))
                 return
+            except BaseException as err:
+                await self._commit_broke(plan, err)
+                raise
             self.protocol.succeeded(plan)
             s = self.sensor
             s.commits += 1
@@ -481,6 +496,25 @@ class StreamWorker:
             s.commit_seconds += time.monotonic() - started
             s.checkpoint_records += sum(len(c.states) + len(c.deleted) for c in changes.values())
             s.checkpoint_bytes += sum(sizes)
+
+    async def _commit_broke(self, plan: CommitPlan, err: BaseException) -> None:
+        """A commit ended by something unexpected (a bug, or a cancellation): the plan still
+        ends, so no later commit meets a stale one, and the worker exits (exactly-once:
+        aborted, what the transactions hold is unknown now) unless it is stopping anyway."""
+        self.protocol.failed(plan, err)
+        bug = isinstance(err, Exception)
+        if bug or (self.exactly_once and not self.stopping):
+            if bug:
+                log.exception("the commit failed unexpectedly")
+            await self.fail(
+                Decision(
+                    f"the commit failed unexpectedly ({err!r:.300}); the open transactions are "
+                    "aborted and the worker exits: the next owner resumes from the last "
+                    "committed transaction (report the error if it repeats)",
+                    exit_code=EXIT_SOFTWARE if bug else EXIT_TEMPFAIL,
+                    abort=self.exactly_once,
+                )
+            )
 
     async def _checkpoint_and_commit(self, force: bool) -> None:
         task = self._checkpointing
@@ -501,7 +535,11 @@ class StreamWorker:
                 elif not self.protocol.pending:
                     return
             plan = self.protocol.begin(force=force)
-            snapshot = await self.durable.snapshot() if self.durable.enabled else None
+            try:
+                snapshot = await self.durable.snapshot() if self.durable.enabled else None
+            except BaseException as err:
+                await self._commit_broke(plan, err)
+                raise
         if force or snapshot is None:
             await self._write_and_commit(plan, snapshot)
         else:
@@ -519,6 +557,9 @@ class StreamWorker:
             except (KafkaError, StreamError, OSError) as err:
                 await self.fail(self.protocol.failed(plan, err))
                 return
+            except BaseException as err:
+                await self._commit_broke(plan, err)
+                raise
             self.protocol.succeeded(plan)
             self.sensor.commits += 1
 

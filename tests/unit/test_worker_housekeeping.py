@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from stream_rnn.model import ModelConfig, RecurrentModel
+
 from stream_rnn.ops.settings import Settings
 from stream_rnn.stream.topics import state_topic_config
-from stream_rnn.stream.worker import WorkerOptions, remove_stale_dirs
+from stream_rnn.registry import save_checkpoint
+from stream_rnn.stream.commit import EXIT_SOFTWARE
+from stream_rnn.stream.worker import StreamWorker, WorkerOptions, remove_stale_dirs
+from stream_rnn.train.vocab import Vocab
 
 
 def test_local_files_of_dead_workers_are_removed(tmp_path: Path) -> None:
@@ -41,3 +49,38 @@ def test_worker_defaults_recover_fast_and_are_exactly_once() -> None:
     assert opts.session_timeout_s == 10.0 and opts.heartbeat_interval_s == 3.0
     flags = WorkerOptions.from_settings("m", Settings(), guarantee="at-least-once")
     assert flags.guarantee == "at-least-once"
+
+
+def _worker(tmp_path: Path, guarantee: str) -> StreamWorker:
+    vocab = Vocab.from_tokens(list("abcd"), "char")
+    cfg = ModelConfig(
+        task="next-token", cell="gru", vocab_size=len(vocab), embed_dim=4, hidden_size=8
+    )
+    save_checkpoint(tmp_path / "m", RecurrentModel(cfg).eval(), vocab=vocab.to_dict())
+    opts = WorkerOptions(
+        model_dir=tmp_path / "m",
+        bootstrap="127.0.0.1:1",  # never contacted: no client is started
+        worker_dir=tmp_path / "w",
+        guarantee=guarantee,
+    )
+    return StreamWorker(opts)
+
+
+@pytest.mark.parametrize("guarantee", ["exactly-once", "at-least-once"])
+def test_an_unexpected_error_in_a_commit_ends_it_and_exits(tmp_path: Path, guarantee: str) -> None:
+    worker = _worker(tmp_path, guarantee)
+    exits: list[int] = []
+    worker.exit = exits.append
+    worker.protocol.assigned({0: 5})
+    worker.protocol.processed(0, 9)
+
+    def broken(*args: object) -> object:
+        raise RuntimeError("disk on fire")
+
+    worker.durable.take_changes = broken  # type: ignore[method-assign]
+    worker.durable.snapshot = broken  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        asyncio.run(worker.commit_point(force=True))
+    assert exits == [EXIT_SOFTWARE]
+    assert worker.protocol.in_flight is None  # no later commit meets a stale plan
+    worker.close()
