@@ -6,12 +6,16 @@ of 2,000 keys, phase B to 18,000 more, phase C 2 more tokens to all 20,000 (evic
 worker's on-disk store long before: they must continue exactly where they left off), phase D
 2 tokens to 20,000 new keys. The worker's peak RSS (VmHWM) is read after each phase.
 
-The bound: from 20,000 to 40,000 keys the peak may grow by less than a quarter of what the new
-keys' states alone would take resident (measured: about 5 MiB of 78). Per-key memory that
-remains is small and bounded (the output sender's key -> partition cache, 200,000 keys at
-most). From 2,000 to 20,000 keys the peak grows by about 40 MiB on this machine, but nearly all
-of it is warm-up of the eviction path (allocator arenas, the store's caches, the largest
-checkpoints), not per key: it does not recur from 20,000 to 40,000; it is reported, not judged.
+The bound is on memory per *key*, not per token: phase C (40,000 tokens to 20,000 keys that
+come back from disk) and phase D (40,000 tokens to 20,000 new keys) do the same work — every
+token evicts a state and admits another — except that D adds 20,000 keys. So D's peak growth
+minus C's is what the new keys cost, and it must stay below a quarter of what their states
+alone would take resident (78 MiB). Measured: C and D each grow the peak by 17-26 MiB (native
+allocations that grow with tokens processed early in a worker's life and level off: about 22,
+22, 13, 12, 8 MiB over seven such phases; Python object counts stay flat), D minus C 0-8 MiB.
+The remaining per-key memory is small and bounded (the producers' key -> partition caches,
+200,000 keys at most). From 2,000 to 20,000 keys the peak grows by about 40 MiB, nearly all of
+it warm-up of the eviction path; it is reported, not judged.
 """
 
 from __future__ import annotations
@@ -83,14 +87,17 @@ def test_evicted_keys_return_exactly_and_memory_stays_bounded(
 
     verdict = verify_exact(kafka_broker, topics, model_dir)
     elapsed = time.monotonic() - started
-    warmup, doubling = peaks[1] - peaks[0], peaks[3] - peaks[2]
+    warmup, returning, doubling = peaks[1] - peaks[0], peaks[2] - peaks[1], peaks[3] - peaks[2]
+    per_keys = doubling - returning  # what D's new keys cost beyond the same work on old keys
     resident = KEYS * STATE_BYTES  # what 20,000 more resident states would take
     print(
         f"\nkey explosion: {2 * KEYS} keys through a pool of {CAPACITY}: peak RSS "
         + ", ".join(f"{p / MIB:.0f}" for p in peaks)
         + f" MiB after {FIRST_KEYS}/{KEYS}/{KEYS} (returned)/{2 * KEYS} keys: "
-        f"+{warmup / MIB:.1f} MiB from {FIRST_KEYS} to {KEYS} keys, +{doubling / MIB:.1f} "
-        f"MiB from {KEYS} to {2 * KEYS} (their states resident: {resident / MIB:.0f} MiB); "
+        f"+{warmup / MIB:.1f} MiB from {FIRST_KEYS} to {KEYS} keys, +{returning / MIB:.1f} MiB "
+        f"as they returned, +{doubling / MIB:.1f} MiB from {KEYS} to {2 * KEYS}: "
+        f"{per_keys / MIB:+.1f} MiB for the new keys (their states resident: "
+        f"{resident / MIB:.0f} MiB); "
         f"{status.get('evictions')} evictions, {status.get('pool_restores')} restores from "
         f"disk; phases " + "/".join(f"{x:.0f}" for x in seconds) + f" s; {verdict.summary()}; "
         f"{elapsed:.0f}s in all"
@@ -98,12 +105,14 @@ def test_evicted_keys_return_exactly_and_memory_stays_bounded(
     verdict.record(record_property)
     for n, peak in zip(("2k", "20k", "20k_returned", "40k"), peaks, strict=True):
         record_property(f"peak_rss_mib_{n}_keys", round(peak / MIB, 1))
+    record_property("peak_rss_mib_new_keys", round(per_keys / MIB, 1))
     record_property("seconds", round(elapsed, 1))
     assert verdict.keys == 2 * KEYS
     assert status["keys_resident"] <= CAPACITY
     assert status["evictions"] >= 2 * KEYS - CAPACITY
     assert status["pool_restores"] >= KEYS - 2 * CAPACITY  # phase C came back from disk
-    assert doubling < resident / 4, (
-        f"peak RSS grew by {doubling / MIB:.1f} MiB from {KEYS} to {2 * KEYS} keys; holding "
+    assert per_keys < resident / 4, (
+        f"peak RSS grew by {doubling / MIB:.1f} MiB from {KEYS} to {2 * KEYS} keys but only "
+        f"{returning / MIB:.1f} MiB for the same number of tokens to returning keys; holding "
         f"the new keys' states would take {resident / MIB:.0f} MiB: memory grows with keys"
     )
