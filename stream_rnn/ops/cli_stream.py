@@ -279,3 +279,65 @@ def topics_create_cmd(
     layout = ensure_topics(bootstrap or settings.bootstrap, settings, partitions=partitions)
     for name in (layout.tokens, layout.state, layout.predictions, layout.dead_letters):
         click.echo(f"{name} {layout.partitions}")
+
+
+@click.command("record")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="recorded sequences: JSONL that stream-rnn train reads (written atomically)")  # fmt: skip
+@_bootstrap_option
+@click.option("--topic", default=None, help="tokens topic (default: stream-rnn.tokens)")
+@click.option("--since", default=None, metavar="ISO",
+              help="window start, ISO 8601 (UTC unless it has an offset); default: log start")  # fmt: skip
+@click.option("--last", default=None, metavar="DURATION",
+              help="or the window starts this long ago: 90s, 30m, 2h, 1d, 1h30m")  # fmt: skip
+@click.option("--until", default=None, metavar="ISO",
+              help="window end, exclusive; default: the end of the topic when the command starts")  # fmt: skip
+@click.option("--task", type=click.Choice(["next-token", "classify"]), default="next-token",
+              show_default=True, help="classify keeps only sequences whose end carried a label")  # fmt: skip
+@click.option("--min-tokens", type=click.IntRange(min=1), default=1, show_default=True,
+              help="drop sequences with fewer tokens")  # fmt: skip
+@click.option("--open", "open_policy", type=click.Choice(["keep", "drop"]), default="keep",
+              show_default=True, help="sequences with no end in the window: keep or drop them")  # fmt: skip
+def record_cmd(
+    out_path: str,
+    bootstrap: str | None,
+    topic: str | None,
+    since: str | None,
+    last: str | None,
+    until: str | None,
+    task: str,
+    min_tokens: int,
+    open_policy: str,
+) -> None:
+    """Archive the tokens topic into recorded sequences for `stream-rnn train`.
+
+    Reads every partition (committed transactions only) from --since/--last to --until or to
+    the end offsets taken at start, cuts each key's tokens into sequences at `end`, and writes
+    one JSON line per sequence. Malformed messages are counted, never fatal.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from stream_rnn.stream.record import record_topic, resolve_window, write_atomic
+
+    window = resolve_window(since=since, last=last, until=until, now=time.time())
+    settings = _topic_settings(tokens_topic=topic)
+    columns = (BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    # A transient bar on a terminal only: elsewhere rich would still leave a blank line
+    with Progress(
+        *columns, console=console, transient=True, disable=not console.is_terminal
+    ) as bar:
+        offsets = bar.add_task("record", total=None)
+        recording = record_topic(
+            bootstrap or settings.bootstrap,
+            settings.tokens_topic,
+            window,
+            task=task,  # type: ignore[arg-type]  # click.Choice checked it
+            min_tokens=min_tokens,
+            open_policy=open_policy,  # type: ignore[arg-type]
+            max_bytes=settings.max_message_bytes,
+            progress=lambda done, total: bar.update(offsets, completed=done, total=total),
+        )
+    count = write_atomic(out_path, recording.records)
+    for line in recording.summary():
+        console.print(line, markup=False, highlight=False)
+    console.print(f"wrote {count} sequences -> {out_path}", markup=False, highlight=False)
