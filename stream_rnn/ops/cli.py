@@ -16,8 +16,8 @@ def cli() -> None:
 
     Train with BPTT (train), score recorded sequences offline (score), generate text
     (generate), inspect gradients through time (grad-report), make or convert data (data),
-    run a local Kafka broker (kafka), stream over Kafka (topics, worker, produce, collect),
-    or run the whole job end to end (demo).
+    run a local Kafka broker (kafka), stream over Kafka (topics, worker, produce, collect, record),
+    manage and announce model versions (models), or run the whole job end to end (demo).
     """
 
 
@@ -30,9 +30,11 @@ def _register() -> None:
         score_cmd,
         train_cmd,
     )
+    from stream_rnn.ops.cli_models import models_group
     from stream_rnn.ops.cli_stream import (
         collect_cmd,
         produce_cmd,
+        record_cmd,
         simulate_cmd,
         topics_group,
         worker_cmd,
@@ -50,12 +52,14 @@ def _register() -> None:
         worker_cmd,
         produce_cmd,
         collect_cmd,
+        record_cmd,
         demo_cmd,
     ):
         cli.add_command(command)
     cli.add_command(data_group)
     cli.add_command(kafka_group)
     cli.add_command(topics_group)
+    cli.add_command(models_group)
 
 
 _register()

@@ -31,6 +31,20 @@ class Settings(BaseSettings):
         description="data directory of the local development broker",
     )
     runs_dir: Path = Field(Path("runs"), description="where demo artefacts go")
+    # model registry and updates
+    registry: Path = Field(
+        Path("runs/registry"),
+        description="model registry directory: immutable versions and the production pointer",
+    )
+    update_key_file: Path | None = Field(
+        None,
+        description="HMAC key file (chmod 600, at least 16 bytes) that signs model-update "
+        "announcements (publisher) and verifies them (worker); None: unsigned",
+    )
+    model_updates_topic: str = Field(
+        "stream-rnn.model-updates",
+        description="compacted topic on which the registry announces the production version",
+    )
     # topics
     tokens_topic: str = Field("stream-rnn.tokens", description="input topic (key = sequence key)")
     predictions_topic: str = Field("stream-rnn.predictions", description="output topic")

@@ -143,8 +143,8 @@ def ensure_topics(
             if name not in existing
         }
         if missing:
-            _create(admin, missing)
-            _wait_ready(admin, list(missing), timeout_s)
+            create_topics(admin, missing)
+            wait_topics_ready(admin, list(missing), timeout_s)
             # A concurrent creator may have won a race with another partition count.
             recount = partition_counts(admin, [wanted.tokens, wanted.state])
             if recount.get(wanted.state) != recount.get(wanted.tokens):
@@ -163,7 +163,7 @@ def ensure_topics(
     return TopicLayout(wanted.tokens, wanted.state, wanted.predictions, wanted.dead_letters, count)
 
 
-def _create(admin: KafkaAdminClient, topics: dict[str, dict[str, Any]]) -> None:
+def create_topics(admin: KafkaAdminClient, topics: dict[str, dict[str, Any]]) -> None:
     # One request per topic so that losing a creation race on one does not hide the others.
     for name, spec in topics.items():
         try:
@@ -172,7 +172,7 @@ def _create(admin: KafkaAdminClient, topics: dict[str, dict[str, Any]]) -> None:
             pass
 
 
-def _wait_ready(admin: KafkaAdminClient, topics: list[str], timeout_s: float) -> None:
+def wait_topics_ready(admin: KafkaAdminClient, topics: list[str], timeout_s: float) -> None:
     # CreateTopics returns once the controller accepted; clients sending before every partition
     # has a leader would get retriable NOT_LEADER errors.
     deadline = time.monotonic() + timeout_s
