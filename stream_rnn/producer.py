@@ -181,9 +181,10 @@ class TokenProducer:
         """One token: a string is looked up in the model's vocabulary, an int is a token id."""
         self.send(key, TokenEvent(token, _ts(ts)))
 
-    def send_end(self, key: str, ts: float | None | Now = "now") -> None:
-        """Close the key's sequence (classify and seq2seq models answer at this point)."""
-        self.send(key, EndEvent(_ts(ts)))
+    def send_end(self, key: str, ts: float | None | Now = "now", label: str | None = None) -> None:
+        """Close the key's sequence (classify and seq2seq models answer at this point);
+        ``label``: the sequence's ground truth, kept by ``stream-rnn record`` for retraining."""
+        self.send(key, EndEvent(_ts(ts), label=label))
 
     def send_reset(self, key: str, ts: float | None | Now = "now") -> None:
         """Discard the key's open sequence."""
@@ -336,8 +337,9 @@ def produce_records(
                 bucket.take()
             token = ev["token"]
             producer.send_token(key, token if isinstance(token, str) else str(token))
-        else:  # the record's label/target/tags stay offline: the wire `end` carries none
-            producer.send_end(key)
+        else:  # the label rides on the wire `end`; target/tags stay offline
+            label = ev.get("label")
+            producer.send_end(key, label=None if label is None else str(label))
         count += 1
     producer.flush()
     return count

@@ -34,6 +34,7 @@ from stream_rnn.stream.exceptions import StreamError
 
 SCHEMA_VERSION = 1
 MAX_GENERATE = 1000
+MAX_LABEL_CHARS = 128
 _MAX_FLOAT = sys.float_info.max  # a `le` bound that rejects inf; NaN fails every bound
 
 Reason = Literal[
@@ -76,6 +77,8 @@ FIELD_DOCS: dict[str, str] = {
     "top_k": "an integer >= 0 (sample among the k most likely tokens; 0 = all, the default)",
     "greedy": "true or false (take the most likely token instead of sampling; default false)",
     "seed": "an integer from 0 to 2**63-1, or null (random generator seed; default null)",
+    "label": f"a string of 1 to {MAX_LABEL_CHARS} characters, or null (the sequence's true "
+    "label, for training: classify tasks record it with the sequence; the worker ignores it)",
 }
 
 # Aliases keep the field declarations short; the descriptions end up in the JSON Schemas.
@@ -100,10 +103,20 @@ class TokenEvent(_Strict, tag="token", frozen=True):  # frozen again: for mypy
 
 
 class EndEvent(_Strict, tag="end", frozen=True):  # frozen again: for mypy
-    """Close the key's sequence: emit sequence-level outputs, then start a new sequence."""
+    """Close the key's sequence: emit sequence-level outputs, then start a new sequence.
+
+    ``label`` optionally carries the sequence's ground truth (``stream-rnn record`` keeps it
+    with the recorded sequence, for retraining); serving does not use it.
+    """
 
     ts: _Ts = None
     v: _V = 1
+    label: (
+        Annotated[
+            str, Meta(min_length=1, max_length=MAX_LABEL_CHARS, description=FIELD_DOCS["label"])
+        ]
+        | None
+    ) = None
 
 
 class ResetEvent(_Strict, tag="reset", frozen=True):  # frozen again: for mypy

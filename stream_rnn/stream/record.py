@@ -337,12 +337,9 @@ class Reassembler:
                     seq = self._open[where] = _Open(start, [], cut)
                 seq.tokens.append(event.token)
             elif isinstance(event, EndEvent):
-                # The v1 wire `end` has no label field (messages.EndEvent rejects one); a schema
-                # that adds it is read here, so classify records get the label their end carried.
-                label = getattr(event, "label", None)
-                self._close(
-                    self._open.pop(where, None), key, label if isinstance(label, str) else None
-                )
+                # an `end` may carry the sequence's label (messages.EndEvent)
+                label = event.label
+                self._close(self._open.pop(where, None), key, label)
             elif isinstance(event, ResetEvent):
                 if self._open.pop(where, None) is not None:
                     rec.resets += 1

@@ -71,7 +71,9 @@ INVALID: list[tuple[bytes | None, str, str]] = [
     (b'{"v":1,"type":"token"}', "missing_field", "field 'token' is missing"),
     (b'{"v":1,"type":"generate","top_k":3}', "missing_field", "'n' is missing; it must be an integer from 1 to 1000"),
     (b'{"v":1,"type":"token","token":"a","colour":"red"}', "extra_field", "field 'colour' is not allowed on 'token' events"),
-    (b'{"label":"spam","v":1,"type":"end"}', "extra_field", "allowed: ['type', 'ts', 'v']"),
+    (b'{"label":"spam","v":1,"type":"end","why":1}', "extra_field", "allowed: ['type', 'ts', 'v', 'label']"),
+    (b'{"label":"","v":1,"type":"end"}', "bad_value", "'label'"),
+    (b'{"label":7,"v":1,"type":"end"}', "wrong_type", "'label'"),
     (b'{"v":1,"type":"token","token":true}', "wrong_type", "got boolean true (true/false is not a number)"),
     (b'{"v":1,"type":"token","token":1.0}', "wrong_type", "got number 1.0 (a number with a fraction"),
     (b'{"v":1,"type":"token","token":null}', "wrong_type", "got null"),
@@ -306,3 +308,9 @@ def test_random_json_only_ever_raises_rejected(obj: Any) -> None:
         assert err.reason in REASONS and err.detail
     else:
         assert decode_event(encode_event(event)) == event
+
+
+def test_end_may_carry_the_sequences_label() -> None:
+    event = decode_event(b'{"v":1,"type":"end","label":"en"}')
+    assert isinstance(event, EndEvent) and event.label == "en"
+    assert decode_event(b'{"v":1,"type":"end"}') == EndEvent()

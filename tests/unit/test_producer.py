@@ -55,8 +55,8 @@ class Sink:
     def send_token(self, key: str, token: Any) -> None:
         self.sent.append(("token", key, token))
 
-    def send_end(self, key: str) -> None:
-        self.sent.append(("end", key, None))
+    def send_end(self, key: str, label: str | None = None) -> None:
+        self.sent.append(("end", key, label))
 
     def flush(self) -> None:
         self.flushed += 1
@@ -292,11 +292,15 @@ def test_token_bucket_refuses_a_non_positive_rate() -> None:
 
 def test_produce_records_sends_tokens_then_end_per_sequence() -> None:
     sink = Sink()
-    records = [Record("a", text="hi"), Record("b", tokens=["x", 7]), Record("a", text="o")]
+    records = [
+        Record("a", text="hi", label="en"),
+        Record("b", tokens=["x", 7]),
+        Record("a", text="o"),
+    ]
     count = produce_records(records, sink, level="char")  # type: ignore[arg-type]
     assert count == 8 and sink.flushed == 1
     assert sink.sent == [
-        ("token", "a", "h"), ("token", "a", "i"), ("end", "a", None),
+        ("token", "a", "h"), ("token", "a", "i"), ("end", "a", "en"),  # the label rides along
         ("token", "b", "x"), ("token", "b", "7"), ("end", "b", None),  # ints go as strings
         ("token", "a", "o"), ("end", "a", None),
     ]  # fmt: skip

@@ -8,14 +8,12 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import msgspec
 import pytest
 from kafka import TopicPartition
 
 from stream_rnn.stream import record as record_mod
 from stream_rnn.stream.codec import encode_event
-from stream_rnn.stream.exceptions import Rejected, StreamError
-from stream_rnn.stream.messages import EndEvent, GenerateEvent, ResetEvent, TokenEvent
+from stream_rnn.stream.exceptions import StreamError
 from stream_rnn.stream.record import (
     Fetched,
     Reassembler,
@@ -95,34 +93,7 @@ def test_end_splits_a_key_into_sequences_and_partitions_interleave_freely() -> N
         ]
 
 
-def _labelled_codec(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Let the recorder's codec read ``end`` events with a ``label``.
-
-    The v1 wire schema has no label on ``end`` (the codec rejects one); the recorder takes the
-    label of whatever end struct the codec returns, which this stands in for.
-    """
-
-    class LabelledEnd(EndEvent, tag="end", frozen=True):
-        label: str | None = None
-
-    typed = msgspec.json.Decoder(TokenEvent | LabelledEnd | ResetEvent | GenerateEvent)
-
-    def decode_batch(values: list[bytes], *, max_bytes: int) -> list[object]:
-        out: list[object] = []
-        for value in values:
-            try:
-                out.append(typed.decode(value))
-            except (msgspec.DecodeError, TypeError):
-                out.append(Rejected("not_json", "not a labelled event"))
-        return out
-
-    monkeypatch.setattr(record_mod, "decode_batch", decode_batch)
-
-
-def test_the_label_an_end_carries_becomes_the_record_label(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    _labelled_codec(monkeypatch)
+def test_the_label_an_end_carries_becomes_the_record_label() -> None:
     log = Log().tokens("a", "xy").tokens("b", "zz").tokens("c", "q")
     log.raw(b"a", b'{"v":1,"type":"end","label":"spam"}')
     log.raw(b"b", b'{"v":1,"type":"end","label":"ham"}')
@@ -169,7 +140,7 @@ def test_malformed_records_are_counted_by_reason_and_never_stop_the_recording() 
     log.raw(b"\xff", encode_event({"type": "token", "token": "lost"}))  # key not UTF-8
     log.raw(b"k", b'{"v":2,"type":"token","token":"x"}')
     log.raw(b"k", b'{"v":1,"type":"token"}')
-    log.raw(b"k", b'{"v":1,"type":"end","label":"spam"}')  # v1 `end` has no label field
+    log.raw(b"k", b'{"v":1,"type":"end","colour":"red"}')  # not a field of `end`
     log.raw(b"k", b'{"v":1,"type":"token","token":"' + b"y" * 5000 + b'"}')
     log.raw(b"k", b"[1, 2]")
     log.tokens("k", "b").end("k")
