@@ -6,10 +6,14 @@ C-level dict pass), group tokens by slot with tensor ops (:mod:`~stream_rnn.engi
 gather the keys' states with one indexed read, advance them with one packed network step (no
 padding: the few keys with several tokens take the extra steps), write them back with one
 indexed write, then run the heads on all tokens at once.
+
+:meth:`Engine.swap` changes the model between micro-batches; every state follows a policy
+(:mod:`~stream_rnn.engine.versions`).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -17,9 +21,12 @@ import torch
 from torch import Tensor
 
 from stream_rnn.engine.events import END, GENERATE, RESET, TOKEN, BatchResult, Event, Rejection
+from stream_rnn.engine.exceptions import EngineError, PoolError
 from stream_rnn.engine.heads import Heads
 from stream_rnn.engine.pool import StatePool
 from stream_rnn.engine.ragged import group_slots, long_tensor, step_ragged
+from stream_rnn.engine.versions import SwapPolicy, SwapReport, applicable_policy, check_policy
+from stream_rnn.model.config import ModelConfig
 from stream_rnn.model.generate import continue_from, translate
 from stream_rnn.model.network import RecurrentModel, exact_float32
 from stream_rnn.registry.checkpoint import Manifest
@@ -37,6 +44,11 @@ class Engine:
         engine = Engine(model, manifest, capacity=100_000)
         result = engine.process([Event("user-1", TOKEN, token=17, id="0:42"), ...])
         for prediction in result.predictions: ...
+        report = engine.swap(new_model, new_manifest, "keep")  # every state follows the policy
+
+    ``history`` (tokens per key, default 0: off) and ``swap_policy`` configure the pool the
+    engine builds (see :class:`~stream_rnn.engine.pool.StatePool`); a given ``pool`` carries
+    its own.
     """
 
     def __init__(
@@ -52,6 +64,8 @@ class Engine:
         top_k: int = 5,
         max_output_len: int = 200,
         pool: StatePool | None = None,
+        history: int | None = None,
+        swap_policy: SwapPolicy | None = None,
     ) -> None:
         model.check_streamable()
         self.model = model.eval()
@@ -73,16 +87,102 @@ class Engine:
                 storage=storage,
                 ttl_s=ttl_s,
                 retention_s=retention_s,
+                history=history or 0,
+                swap_policy=swap_policy,
             )
         )
+        if pool is not None and (
+            (history is not None and history != _history_of(pool))
+            or (swap_policy is not None and swap_policy != pool.swap_policy)
+        ):
+            raise PoolError(
+                "history and swap_policy of an engine given a pool are the pool's: set them "
+                "on the StatePool"
+            )
+        self.pool.bind(manifest.version, self.model, self.vocab)
         # grouping scratch, one entry per pool slot (see ragged.group_slots)
         self._scratch = torch.empty(self.pool.capacity, dtype=torch.long)
+        self.top_k, self.running_estimate = top_k, running_estimate
         self.heads = Heads(model.config.task, self.vocab, self.labels, top_k, running_estimate)
         self.max_output_len = max_output_len
 
     @property
     def version(self) -> str:
+        """The model version serving now; every resident state is of this version."""
         return self.manifest.version
+
+    # ------------------------------------------------------------------ model swap
+    def swap(self, model: RecurrentModel, manifest: Manifest, policy: SwapPolicy) -> SwapReport:
+        """Serve ``model`` (described by ``manifest``) from the next :meth:`process` on; every
+        key's state follows ``policy``.
+
+        * ``keep``: states carry on under the new weights; only allowed when the model config
+          (dropout aside) and the vocabulary are identical, else the swap falls back to
+          ``rewarm`` (with a token history) or ``reset``, and ``note`` says why;
+        * ``reset``: states become zeros and their histories are cleared;
+        * ``rewarm``: states are recomputed from zeros by the new model over each key's last
+          tokens (mapped to the new vocabulary through their strings, unknown ones to
+          ``<unk>``), in one packed pass per chunk of keys; without a history, ``reset``.
+
+        ``pos``, ``seq`` and the applied offset and partition of every key stay as they are.
+        Resident states change now and are dirty: the next :meth:`StatePool.take_dirty`
+        returns every one of them, to be written with the next checkpoint or transaction.
+        Stored states follow the same policy when their keys are next admitted (they are
+        dirty from then on). Call it between micro-batches, on the thread that runs them.
+        """
+        started = time.perf_counter()
+        policy = check_policy(policy)
+        model.check_streamable()
+        # everything that can refuse the new model does so before any state changes
+        new_vocab = Vocab.from_dict(manifest.vocab)
+        labels = LabelSet.from_dict({"labels": manifest.labels or []})
+        heads = Heads(model.config.task, new_vocab, labels, self.top_k, self.running_estimate)
+        model = model.to(self.device).eval()
+        old_version = self.version
+        if manifest.version == old_version:
+            if manifest.weights_sha256 != self.manifest.weights_sha256:
+                raise EngineError(
+                    f"model version {old_version} is served already with other weights "
+                    f"(sha256 {self.manifest.weights_sha256[:12]}…, new "
+                    f"{manifest.weights_sha256[:12]}…); a version names one set of weights: "
+                    "publish the new weights under a new version"
+                )
+            applied: SwapPolicy = "keep"
+            note = "same version: the model object is replaced, states stay"
+            self.pool.bind(manifest.version, model, new_vocab)
+            resident = len(self.pool)
+        else:
+            applied, note = applicable_policy(
+                policy,
+                (self.model.config, self.vocab),
+                (model.config, new_vocab),
+                history=self.pool.history is not None,
+            )
+            resident = self.pool.swap(model, manifest.version, new_vocab, applied)
+        self.model, self.manifest, self.vocab = model, manifest, new_vocab
+        self.labels, self.heads = labels, heads
+        stored = len(self.pool.store)
+        if stored and manifest.version != old_version:
+            note = f"{note}; " if note else ""
+            note += f"{stored} stored states follow when their keys are next admitted"
+        return SwapReport(
+            policy_requested=policy,
+            policy_applied=applied,
+            keys_resident=resident,
+            keys_stored=stored,
+            seconds=time.perf_counter() - started,
+            note=note,
+            from_version=old_version,
+            to_version=manifest.version,
+        )
+
+    def remember(self, manifest: Manifest) -> None:
+        """Learn a past model version (its config and vocabulary) whose states may still be
+        restored although this engine never swapped from it (after a restart): they then get
+        an exact keep check and a vocabulary mapping for a rewarm under ``swap_policy``."""
+        if self.pool.book is not None:
+            config = ModelConfig.from_dict(manifest.model_config)
+            self.pool.book.remember(manifest.version, config, Vocab.from_dict(manifest.vocab))
 
     # ------------------------------------------------------------------ entry point
     @torch.inference_mode()
@@ -159,9 +259,12 @@ class Engine:
         # one packed step: every key's first token straight from the pool, then the few keys
         # with more; per-event outputs in packed order (the heads put results in event order)
         slots, groups = group_slots(at, self._scratch)
-        tokens = long_tensor([e.token for e in events]).to(self.device)
+        token_ids = long_tensor([e.token for e in events])
+        tokens = token_ids.to(self.device)
         feats, new_state = step_ragged(self.model, tokens, pool.gather(slots), groups)
         pool.scatter(slots, new_state)
+        if pool.history is not None:
+            pool.history.append(at, token_ids, groups.rank)
         pos, seq = pool.pos.index_select(0, at), pool.seq.index_select(0, at)
         if groups.rank is None:  # one event per key
             pool.pos.index_copy_(0, at, pos + 1)
@@ -289,6 +392,10 @@ class Engine:
             "tokens": self.vocab.decode(ids),
             "text": self.vocab.detok(ids),
         }
+
+
+def _history_of(pool: StatePool) -> int:
+    return pool.history.size if pool.history is not None else 0
 
 
 def _kind(ev: Event) -> str:

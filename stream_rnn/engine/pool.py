@@ -10,6 +10,15 @@ memory at the price of rounding).
 Eviction is not deletion: an evicted key lives on in the store. :meth:`StatePool.delete` (a
 sequence's ``end``) and :meth:`StatePool.retire` (the retention TTL) forget a key everywhere and
 record it, so that the checkpointer writes a tombstone for it (:meth:`StatePool.take_deleted`).
+
+States belong to a model version. An engine binds its pool to its model (:meth:`StatePool.bind`)
+and every resident state is of that version; :meth:`StatePool.swap` brings them all to a new
+one. Stored states keep the version they left with and follow the recorded swaps (or, for a
+version no recorded swap leads from, the deployment's ``swap_policy``) when they are admitted
+again: lazily, so that a swap costs the resident keys only, however many keys the store holds,
+and the converted state is dirty (written by the next checkpoint) from its admission on.
+With ``history=N`` the pool keeps every key's last N tokens (:mod:`~stream_rnn.engine.history`)
+next to its state, wherever the state goes, for a ``rewarm``.
 """
 
 from __future__ import annotations
@@ -22,12 +31,19 @@ import torch
 from torch import Tensor
 
 from stream_rnn.engine.exceptions import PoolError
+from stream_rnn.engine.history import TokenHistory
 from stream_rnn.engine.ragged import long_tensor
 from stream_rnn.engine.store import MemoryStateStore, StateStore, StoredState
+from stream_rnn.engine.swap import restate
+from stream_rnn.engine.versions import Plan, SwapPolicy, VersionBook, check_policy, vocab_map
 from stream_rnn.model.config import ModelConfig
-from stream_rnn.model.network import State
+from stream_rnn.model.network import RecurrentModel, State
+from stream_rnn.train.vocab import Vocab
 
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# what a stored state becomes in a pool bound to no model version: as it is if it fits
+_AS_IS = Plan("keep", retag=False, reason="the pool serves no named version")
+_UNFIT = Plan("reset", reason="its shape does not fit the pool: reset")
 
 
 class StatePool:
@@ -48,6 +64,12 @@ class StatePool:
     resident keys is measured with ``clock`` (monotonic by default), that of stored keys in
     wall-clock time (``time.time()``), which the store keeps across restarts; a key leaving
     memory takes its wall-clock last use along (now minus its idle time by ``clock``).
+
+    ``history`` (tokens per key, 0: none) keeps each key's last tokens for a ``rewarm`` after a
+    model swap; ``swap_policy`` (``keep``, ``reset`` or ``rewarm``; default ``rewarm`` with a
+    history, else ``reset``) is what a restored state of a version no recorded swap leads from
+    gets; ``adopt_unversioned`` takes states without a version (written before states recorded
+    theirs) as the current version's instead of giving them ``swap_policy``.
     """
 
     def __init__(
@@ -61,6 +83,9 @@ class StatePool:
         store: StateStore | None = None,
         clock: Callable[[], float] = time.monotonic,
         retention_s: float | None = None,
+        history: int = 0,
+        swap_policy: SwapPolicy | None = None,
+        adopt_unversioned: bool = True,
     ) -> None:
         if capacity < 1:
             raise PoolError(f"pool capacity must be >= 1 key, got {capacity}")
@@ -80,6 +105,15 @@ class StatePool:
                 "retention shorter than the memory TTL would delete keys before they could be "
                 "evicted; set the retention >= the TTL (or no TTL)"
             )
+        if history < 0:
+            raise PoolError(f"token history must be >= 0 tokens per key (0: off), got {history}")
+        self.swap_policy = check_policy(swap_policy or ("rewarm" if history else "reset"))
+        if self.swap_policy == "rewarm" and not history:
+            raise PoolError(
+                "swap policy 'rewarm' recomputes states from each key's last tokens: give the "
+                "pool a token history (history=N, e.g. 32) or choose 'reset' or 'keep'"
+            )
+        self.adopt_unversioned = adopt_unversioned
         self.config = config
         self.capacity = capacity
         self.device = torch.device(device)
@@ -98,6 +132,11 @@ class StatePool:
         self.applied = torch.full((capacity,), -1, dtype=torch.long)
         self.part = torch.full((capacity,), -1, dtype=torch.long)
         self.dirty = torch.zeros(capacity, dtype=torch.bool)
+        self.history = TokenHistory(capacity, history) if history else None
+        # the model versions served; None until an engine binds the pool to its model
+        self.book: VersionBook | None = None
+        # stored states admitted with another version, by the policy they got
+        self.conversions = {"keep": 0, "reset": 0, "rewarm": 0}
         self.slot_of: dict[str, int] = {}
         self.key_at: list[str | None] = [None] * capacity
         # LRU order and idle time per slot as tensors: touching a batch of keys is one indexed
@@ -129,7 +168,97 @@ class StatePool:
     @property
     def nbytes(self) -> int:
         per = self.h.numel() * self.h.element_size()
-        return per * (2 if self.c is not None else 1)
+        tokens = self.history.ids.numel() * 4 if self.history is not None else 0
+        return per * (2 if self.c is not None else 1) + tokens
+
+    # ------------------------------------------------------------------ versions
+    @property
+    def version(self) -> str | None:
+        """The model version of every resident state (None: the pool serves no named model)."""
+        return self.book.version if self.book is not None else None
+
+    def bind(self, version: str, model: RecurrentModel, vocab: Vocab) -> None:
+        """Serve ``model`` (of ``version``): what an engine does with its pool. Binding again
+        to the same version replaces the model object; another version needs :meth:`swap`."""
+        cfg = model.config
+        if (cfg.num_layers, cfg.hidden_size, cfg.is_lstm) != (
+            self.h.shape[0],
+            self.h.shape[2],
+            self.c is not None,
+        ):
+            raise PoolError(
+                f"the pool holds {self.h.shape[0]} x {self.h.shape[2]} "
+                f"{'LSTM ' if self.c is not None else ''}states, model {version} needs "
+                f"{cfg.num_layers} x {cfg.hidden_size} ({cfg.cell}); build the pool from the "
+                "model's config"
+            )
+        if self.book is None:
+            self.book = VersionBook(
+                version,
+                model,
+                vocab,
+                policy=self.swap_policy,
+                history=self.history is not None,
+                adopt_unversioned=self.adopt_unversioned,
+            )
+        elif self.book.version != version:
+            raise PoolError(
+                f"the pool serves model version {self.book.version}, not {version}; change "
+                "models with Engine.swap"
+            )
+        else:
+            self.book.model = model
+        self.config = cfg
+
+    def swap(self, model: RecurrentModel, version: str, vocab: Vocab, policy: SwapPolicy) -> int:
+        """Bring every resident state to ``model`` (of ``version``) under ``policy`` and mark
+        it dirty; stored states follow when admitted. Returns how many states were resident.
+
+        The caller checks that ``keep`` is allowed (same architecture and vocabulary). The
+        state tensors are reallocated when the architecture changes (the old ones are freed
+        first: neither reset nor rewarm reads them).
+        """
+        book = self.book
+        if book is None:
+            raise PoolError("swap() on a pool bound to no model; an Engine binds its pool")
+        slots = self.occupied.nonzero().flatten()
+        cfg = model.config
+        if policy != "keep":
+            shape = (cfg.num_layers, self.capacity, cfg.hidden_size)
+            if tuple(self.h.shape) != shape or cfg.is_lstm != (self.c is not None):
+                self.h = self.c = None  # type: ignore[assignment]
+                # normal tensors even if the caller runs in inference mode: the pool's tensors
+                # are written in place outside it too (restores, tests)
+                with torch.inference_mode(False):
+                    self.h = torch.zeros(shape, device=self.device, dtype=self.dtype)
+                    self.c = torch.zeros_like(self.h) if cfg.is_lstm else None
+            if policy == "reset" or self.history is None:
+                self.h.zero_()
+                if self.c is not None:
+                    self.c.zero_()
+                if self.history is not None:
+                    self.history.count.zero_()
+            else:
+                plan = Plan(
+                    "rewarm",
+                    model=model,
+                    id_map=vocab_map(book.vocab, vocab),
+                    vocab_size=len(vocab),
+                )
+                restate(self, slots, plan)
+        book.advance(version, model, vocab, policy)
+        self.config = cfg
+        self.dirty[slots] = True
+        return len(slots)
+
+    def _fits(self, saved: StoredState) -> bool:
+        h, c = saved.h, saved.c
+        return (
+            h.dim() == 2
+            and (h.shape[0], h.shape[1]) == (self.h.shape[0], self.h.shape[2])
+            and (c is None) == (self.c is None)
+            and (c is None or c.shape == h.shape)
+        )
 
     # ------------------------------------------------------------------ slots
     def lookup(self, keys: Sequence[str]) -> Tensor:
@@ -182,6 +311,8 @@ class StatePool:
         fresh: list[int] = []
         admitted: list[int] = []
         revived: list[tuple[int, tuple[int, int]]] = []
+        # stored states of another version (or shape), by the plan that brings them up to date
+        converting: dict[int, tuple[Plan, list[int]]] = {}
         try:
             for i in missing:
                 key = keys[i]
@@ -193,9 +324,19 @@ class StatePool:
                     if deleted_from is not None and deleted_from[0] >= 0:
                         revived.append((slot, deleted_from))
                 else:
-                    self.h[:, slot] = saved.h.to(self.device, self.dtype)
-                    if self.c is not None and saved.c is not None:
-                        self.c[:, slot] = saved.c.to(self.device, self.dtype)
+                    fits = self._fits(saved)
+                    if self.book is not None:
+                        plan = self.book.plan(saved.version, fits)
+                    else:
+                        plan = _AS_IS if fits else _UNFIT
+                    if plan.policy == "keep":
+                        self.h[:, slot] = saved.h.to(self.device, self.dtype)
+                        if self.c is not None and saved.c is not None:
+                            self.c[:, slot] = saved.c.to(self.device, self.dtype)
+                    if plan.retag or plan.policy != "keep":
+                        converting.setdefault(id(plan), (plan, []))[1].append(slot)
+                    if self.history is not None:
+                        self.history.load(slot, saved.history)  # restate maps or clears it
                     self.seq[slot] = saved.seq
                     self.pos[slot] = saved.pos
                     self.applied[slot] = saved.offset
@@ -216,11 +357,20 @@ class StatePool:
                 self.pos[idx] = 0
                 self.applied[idx] = -1
                 self.part[idx] = -1
+                if self.history is not None:
+                    self.history.clear(idx)
             if admitted:
                 idx = long_tensor(admitted)
                 self.dirty[idx] = False
                 self.occupied[idx] = True
                 self.last_tick[idx] = self._tick
+            # A state of another version is brought up to date before anything reads it, and
+            # is dirty: its record must name the version it now has.
+            for plan, group in converting.values():
+                idx = long_tensor(group)
+                restate(self, idx, plan)
+                self.dirty[idx] = True
+                self.conversions[plan.policy] += len(group)
             # A key deleted since the last checkpoint that starts again needs no tombstone: its
             # new state record supersedes the old one. So that it does even if no token reaches
             # it before the next checkpoint, the new state is dirty and takes the partition and
@@ -234,6 +384,10 @@ class StatePool:
     def snapshot(self, key: str) -> StoredState:
         """A CPU copy of a resident key's state and counters."""
         slot = self.slot_of[key]
+        history = None
+        if self.history is not None:
+            ids, lengths = self.history.rows(long_tensor([slot]))
+            history = ids[0, : int(lengths[0])].to(torch.int32)
         return StoredState(
             h=self.h[:, slot].to("cpu", copy=True),
             c=self.c[:, slot].to("cpu", copy=True) if self.c is not None else None,
@@ -241,6 +395,8 @@ class StatePool:
             pos=int(self.pos[slot]),
             offset=int(self.applied[slot]),
             partition=int(self.part[slot]),
+            version=self.version,
+            history=history,
         )
 
     def evict(self, key: str) -> None:
@@ -287,6 +443,13 @@ class StatePool:
         c = self.c.index_select(1, on_device).to("cpu") if self.c is not None else None
         seq, pos = self.seq[idx].tolist(), self.pos[idx].tolist()
         applied, part = self.applied[idx].tolist(), self.part[idx].tolist()
+        version = self.version
+        hists: Sequence[Tensor | None] = [None] * len(idx)
+        if self.history is not None:
+            ids, lengths = self.history.rows(idx)
+            # one split of the valid ids into per-key views (slicing per key costs ~5x more)
+            valid = torch.arange(ids.shape[1]) < lengths.unsqueeze(1)
+            hists = ids.to(torch.int32)[valid].split(lengths.tolist())
         out = []
         for i, slot in enumerate(idx.tolist()):
             key = self.key_at[slot]
@@ -298,6 +461,8 @@ class StatePool:
                     pos=pos[i],
                     offset=applied[i],
                     partition=part[i],
+                    version=version,
+                    history=hists[i],
                 )
                 out.append((key, state))
         self.dirty[idx] = False
@@ -427,4 +592,6 @@ class StatePool:
             self.c[:, idx] = 0
         self.pos[slots] = 0
         self.seq[slots] += 1
+        if self.history is not None:  # a rewarm replays the current sequence only
+            self.history.clear(slots)
         self.dirty[slots] = True

@@ -11,7 +11,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import orjson
 import torch
@@ -26,6 +26,10 @@ class StoredState:
 
     ``offset`` is the source offset of the last event applied to this state (-1 if unknown) and
     ``partition`` the source partition of the key: together they make restores exactly-once.
+    ``version`` is the model version that produced the state (``None``: unknown, a record
+    written before states named their version, or by a pool serving no named model);
+    ``history`` the key's last token ids (int32, oldest first) when the pool keeps them for a
+    rewarm after a model swap, ``None`` when it keeps none.
     """
 
     h: Tensor
@@ -34,12 +38,16 @@ class StoredState:
     pos: int
     offset: int = -1
     partition: int = -1
+    version: str | None = None
+    history: Tensor | None = None
 
     @property
     def nbytes(self) -> int:
         size = self.h.numel() * self.h.element_size()
         if self.c is not None:
             size += self.c.numel() * self.c.element_size()
+        if self.history is not None:
+            size += self.history.numel() * self.history.element_size()
         return size
 
 
@@ -110,28 +118,47 @@ class MemoryStateStore:
 
 # ---------------------------------------------------------------- binary records
 # A header JSON line then the raw tensor bytes: states are data, never pickled.
-FORMAT = 1
+# Format 2 adds the model version ("v") and the token history ("hist": how many int32 ids
+# follow h and c) to format 1. A state with neither is written as format 1, byte for byte what
+# earlier releases write, so that they can still read it; both formats are read.
+FORMAT = 2
+_PLAIN_FORMAT = 1
+_READABLE = (1, 2)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _NAMES = {v: k for k, v in _DTYPES.items()}
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
+def _format_of(state: StoredState) -> int:
+    return _PLAIN_FORMAT if state.version is None and state.history is None else FORMAT
+
+
+def _history_bytes(history: Tensor | None) -> bytes:
+    if history is None:
+        return b""
+    return history.to(torch.int32).contiguous().numpy().tobytes()
+
+
 def encode_state(state: StoredState) -> bytes:
-    """Header JSON line + raw ``h`` (and ``c``) bytes, in the pool's storage dtype."""
+    """Header JSON line + raw ``h`` (and ``c``) bytes, in the pool's storage dtype, then the
+    token history (int32) if the state has one."""
     h = state.h.contiguous()
-    header = {
-        "f": FORMAT,
+    header: dict[str, object] = {
+        "f": _format_of(state),
         "seq": state.seq,
         "pos": state.pos,
         "offset": state.offset,
         "partition": state.partition,
-        "shape": list(h.shape),
-        "dtype": _NAMES[h.dtype],
-        "lstm": state.c is not None,
     }
+    if state.version is not None:
+        header["v"] = state.version
+    if state.history is not None:
+        header["hist"] = len(state.history)
+    header.update(shape=list(h.shape), dtype=_NAMES[h.dtype], lstm=state.c is not None)
     parts = [orjson.dumps(header), b"\n", h.view(torch.uint8).numpy().tobytes()]
     if state.c is not None:
         parts.append(state.c.contiguous().view(torch.uint8).numpy().tobytes())
+    parts.append(_history_bytes(state.history))
     return b"".join(parts)
 
 
@@ -155,47 +182,94 @@ def encode_states(states: Sequence[StoredState]) -> list[bytes]:
         tensors.append(torch.stack([s.c for s in states if s.c is not None]))
     # (N, L, H) (twice for LSTM) -> N rows of raw bytes, h then c, as encode_state writes them
     raw = torch.cat([t.reshape(len(states), -1) for t in tensors], 1).view(torch.uint8).numpy()
-    # The header's constant part, exactly as orjson writes it in encode_state; only the four
-    # counters vary per key (bytes %-formatting is ~4x faster than a dict through orjson).
+    # The header's constant part, exactly as orjson writes it in encode_state; only the
+    # counters, the version and the history length vary per key (bytes %-formatting is ~4x
+    # faster than a dict through orjson).
     tail = orjson.dumps(
         {"shape": list(first.h.shape), "dtype": _NAMES[first.h.dtype], "lstm": lstm}
     )
-    template = b'{"f":%d,"seq":%d,"pos":%d,"offset":%d,"partition":%d,' + tail[1:] + b"\n"
-    return [
-        template % (FORMAT, s.seq, s.pos, s.offset, s.partition) + raw[i].tobytes()
-        for i, s in enumerate(states)
-    ]
+    template = b'{"f":%d,"seq":%d,"pos":%d,"offset":%d,"partition":%d,%b%b' + tail[1:] + b"\n"
+    versions: dict[str | None, bytes] = {None: b""}
+    # every history's bytes from one concatenation, sliced per key (a conversion per key
+    # costs as much as the rest of the record)
+    histories = [s.history for s in states if s.history is not None]
+    flat = _history_bytes(torch.cat(histories)) if histories else b""
+    at = 0
+    out = []
+    for i, s in enumerate(states):
+        version = versions.get(s.version)
+        if version is None:
+            version = versions[s.version] = b'"v":' + orjson.dumps(s.version) + b","
+        if s.history is None:
+            hist = tail_bytes = b""
+        else:
+            n = len(s.history)
+            hist, tail_bytes = b'"hist":%d,' % n, flat[4 * at : 4 * (at + n)]
+            at += n
+        head = template % (_format_of(s), s.seq, s.pos, s.offset, s.partition, version, hist)
+        out.append(head + raw[i].tobytes() + tail_bytes)
+    return out
+
+
+def _header(value: bytes) -> tuple[dict[str, Any], bytes]:
+    head, _, body = value.partition(b"\n")
+    header = orjson.loads(head)
+    if header.get("f") not in _READABLE:
+        raise StateCodecError(
+            f"state record format {header.get('f')!r} is not one of {list(_READABLE)}; was it "
+            "written by a newer stream_rnn?"
+        )
+    return header, body
 
 
 def decode_position(value: bytes) -> tuple[int, int]:
     """``(offset, partition)`` of an encoded state, from its header alone (restores compare
     offsets of many records and keep the bytes of the newest as they are)."""
+    offset, partition, _ = decode_origin(value)
+    return offset, partition
+
+
+def decode_origin(value: bytes) -> tuple[int, int, str | None]:
+    """``(offset, partition, model version)`` of an encoded state, from its header alone
+    (version ``None``: the record names none)."""
     try:
-        header = orjson.loads(value.partition(b"\n")[0])
-        if header.get("f") != FORMAT:
-            raise StateCodecError(f"state record format {header.get('f')!r} is not {FORMAT}")
-        return int(header["offset"]), int(header["partition"])
+        header = _header(value)[0]
+        version = header.get("v")
+        if version is not None and not isinstance(version, str):
+            raise StateCodecError(f"state record version {version!r} is not a string")
+        return int(header["offset"]), int(header["partition"]), version
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        if isinstance(exc, StateCodecError):
+            raise
         raise StateCodecError(f"damaged state record ({exc})") from exc
 
 
 def decode_state(value: bytes) -> StoredState:
-    """Inverse of :func:`encode_state`; raises :class:`StateError` on a damaged record."""
+    """Inverse of :func:`encode_state`; raises :class:`StateCodecError` on a damaged record.
+
+    A record without a version (format 1, or a pool serving no named model) decodes with
+    ``version=None`` (unknown), one without a history with ``history=None``.
+    """
     try:
-        head, _, body = value.partition(b"\n")
-        header = orjson.loads(head)
-        if header.get("f") != FORMAT:
-            raise StateCodecError(f"state record format {header.get('f')!r} is not {FORMAT}")
+        header, body = _header(value)
         dtype = _DTYPES[header["dtype"]]
         shape = tuple(int(x) for x in header["shape"])
+        version = header.get("v")
+        if version is not None and not isinstance(version, str):
+            raise StateCodecError(f"state record version {version!r} is not a string")
+        n_hist = header.get("hist")
+        if n_hist is not None and (not isinstance(n_hist, int) or n_hist < 0):
+            raise StateCodecError(f"state record history length {n_hist!r} is invalid")
         # plain integers: two torch.tensor() calls here cost as much as the whole decode
         size = _ITEMSIZE[header["dtype"]] * math.prod(shape)
-        want = size * (2 if header["lstm"] else 1)
+        states = size * (2 if header["lstm"] else 1)
+        want = states + 4 * (n_hist or 0)
         if len(body) != want:
             raise StateCodecError(f"state record body has {len(body)} bytes, expected {want}")
         raw = torch.frombuffer(bytearray(body), dtype=torch.uint8)
         h = raw[:size].view(dtype).reshape(shape).clone()
-        c = raw[size:].view(dtype).reshape(shape).clone() if header["lstm"] else None
+        c = raw[size:states].view(dtype).reshape(shape).clone() if header["lstm"] else None
+        history = raw[states:].view(torch.int32).clone() if n_hist is not None else None
         return StoredState(
             h=h,
             c=c,
@@ -203,6 +277,10 @@ def decode_state(value: bytes) -> StoredState:
             pos=int(header["pos"]),
             offset=int(header["offset"]),
             partition=int(header["partition"]),
+            version=version,
+            history=history,
         )
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+        if isinstance(exc, StateCodecError):
+            raise
         raise StateCodecError(f"damaged state record ({exc})") from exc

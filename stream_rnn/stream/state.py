@@ -9,6 +9,12 @@ per key the record with the highest applied offset (a tombstone at or above it d
 late write from a stale owner cannot move a key backwards; under exactly-once the last record
 written per key is also the newest, so what compaction keeps is always right.
 
+The header also names the model version that produced the state and, when the pool keeps
+token histories (for a rewarm after a model swap), how many token ids follow the tensors: the
+history is as durable as the state. Records without them (written before states named their
+version) still decode, with an unknown version; the engine gives a state whose version is not
+its own the deployment's swap policy when the key is admitted (`stream_rnn.engine.versions`).
+
 Example::
 
     writer = StateWriter("127.0.0.1:9092", "stream-rnn.tokens-state")
@@ -26,7 +32,7 @@ from typing import Any, NamedTuple
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from stream_rnn.engine.store import StoredState, decode_position, decode_state, encode_states
+from stream_rnn.engine.store import StoredState, decode_origin, decode_state, encode_states
 from stream_rnn.stream.exceptions import StreamError
 
 
@@ -126,12 +132,15 @@ async def send_state_records(
 
 class EncodedState(NamedTuple):
     """A key's newest state record as read back: its applied offset, source partition and the
-    encoded bytes (`stream_rnn.engine.store.decode_state` turns them into a `StoredState`)."""
+    encoded bytes (`stream_rnn.engine.store.decode_state` turns them into a `StoredState`),
+    and the model version named in its header (``None``: the record names none; a restore can
+    `Engine.remember` the manifests of the versions it found)."""
 
     offset: int
     partition: int
     value: bytes
     ts: float = 0.0  # when the record was written (seconds since the epoch)
+    version: str | None = None
 
 
 async def restore_partition(
@@ -191,11 +200,11 @@ async def read_partition(
                         states.pop(key, None)
                         deleted_at[key] = gone if gone is not None else -1
                     continue
-                offset, source = decode_position(record.value)
+                offset, source, version = decode_origin(record.value)
                 old = states.get(key)
                 if (old is None or offset >= old.offset) and offset > deleted_at.get(key, -2):
                     states[key] = EncodedState(
-                        offset, source, record.value, record.timestamp / 1000
+                        offset, source, record.value, record.timestamp / 1000, version
                     )
                     deleted_at.pop(key, None)
             position = await consumer.position(tp)
