@@ -108,7 +108,18 @@ def _topic_settings(**topics: str | None) -> Settings:
 
 
 @click.command("worker")
-@model_option
+@click.option("--model", "model_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="serve this fixed checkpoint directory (or --registry)")  # fmt: skip
+@click.option("--registry", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="serve the registry's production version and hot-swap announced ones "
+              "(default $STREAM_RNN_REGISTRY)")  # fmt: skip
+@click.option("--update-key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="HMAC key: refuse model updates not signed with it")  # fmt: skip
+@click.option("--history", type=click.IntRange(min=0), default=None,
+              help="tokens kept per key so that a swap can rewarm states (default 0: off)")  # fmt: skip
+@click.option("--swap-policy", type=click.Choice(["keep", "reset", "rewarm"]), default=None,
+              help="for states restored under another model version (default: rewarm with "
+              "--history, else reset)")  # fmt: skip
 @_bootstrap_option
 @click.option("--device", default=None, help="cpu, cuda, cuda:N or auto (default: settings)")
 @click.option("--group", default=None, help="consumer group = faust app id (default: settings)")
@@ -140,15 +151,24 @@ def _topic_settings(**topics: str | None) -> Settings:
               help="delete a key's state (tombstone) after this many idle seconds")  # fmt: skip
 @click.option("--broker-timeout", type=click.FloatRange(min=1), default=None,
               help="exit with a message when the broker is unreachable this long (default 120)")  # fmt: skip
-def worker_cmd(model_dir: str, bootstrap: str | None, **kw: Any) -> None:
+def worker_cmd(model_dir: str | None, bootstrap: str | None, **kw: Any) -> None:
     """Run one stream worker until SIGTERM/SIGINT (start several with one --group to scale).
 
     Consumes the tokens topic in micro-batches, writes predictions and dead letters. Creates
-    the topics if missing (with --partitions, default $STREAM_RNN_PARTITIONS).
+    the topics if missing (with --partitions, default $STREAM_RNN_PARTITIONS). Serves --model,
+    or the production version of --registry, swapping in every version announced later.
     """
     from stream_rnn.stream.worker import WorkerOptions, run_worker
 
     settings = get_settings()
+    registry = kw["registry"] or (
+        settings.registry if "registry" in settings.model_fields_set else None
+    )
+    if (model_dir is None) == (registry is None):
+        raise click.UsageError(
+            "give exactly one of --model DIR (a fixed model) and --registry DIR (the registry's "
+            "production version, hot-swapped when a new one is announced)"
+        )
     renamed = {
         "tokens_topic": kw.pop("topic"),
         "predictions_topic": kw.pop("predictions_topic"),
@@ -161,7 +181,9 @@ def worker_cmd(model_dir: str, bootstrap: str | None, **kw: Any) -> None:
         "state_retention_s": kw.pop("state_retention"),
         "broker_timeout_s": kw.pop("broker_timeout"),
     }
-    opts = WorkerOptions.from_settings(model_dir, settings, bootstrap=bootstrap, **renamed, **kw)
+    opts = WorkerOptions.from_settings(
+        model_dir or registry or "", settings, bootstrap=bootstrap, **renamed, **kw
+    )
     logging.basicConfig(level=opts.log_level, stream=sys.stderr)
     sys.exit(run_worker(opts, settings))
 

@@ -41,6 +41,14 @@ class Settings(BaseSettings):
         description="HMAC key file (chmod 600, at least 16 bytes) that signs model-update "
         "announcements (publisher) and verifies them (worker); None: unsigned",
     )
+    history: int = Field(
+        0, ge=0, description="tokens kept per key so that a model swap can rewarm states (0: off)"
+    )
+    swap_policy: Literal["keep", "reset", "rewarm"] | None = Field(
+        None,
+        description="states restored under another model version: keep, reset or rewarm "
+        "(default: rewarm with a history, else reset)",
+    )
     model_updates_topic: str = Field(
         "stream-rnn.model-updates",
         description="compacted topic on which the registry announces the production version",

@@ -54,7 +54,10 @@ async def take_batches(
         raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
     now = asyncio.get_running_loop().time
     while True:
-        batch = [await queue.get()]
+        try:
+            batch = [await queue.get()]
+        except StopAsyncIteration:  # faust closes the channel when it stops the agent
+            return
         deadline = now() + max_wait_s
         while len(batch) < max_batch:
             try:

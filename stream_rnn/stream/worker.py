@@ -37,10 +37,12 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -57,6 +59,8 @@ from stream_rnn.engine.engine import Engine
 from stream_rnn.engine.pool import StatePool
 from stream_rnn.ops.settings import Settings
 from stream_rnn.registry.checkpoint import load_checkpoint
+from stream_rnn.registry.exceptions import UpdateRejected
+from stream_rnn.registry.updates import VerifiedUpdate, load_update_key
 from stream_rnn.stream import faust_boundary as fb
 from stream_rnn.stream.adapter import Adapter, CountingSensor, Outputs, RawRecord
 from stream_rnn.stream.batches import take_batches
@@ -70,6 +74,7 @@ from stream_rnn.stream.commit import (
 from stream_rnn.stream.durable import DurableState, Snapshot
 from stream_rnn.stream.exceptions import StreamError
 from stream_rnn.stream.executor import engine_executor
+from stream_rnn.stream.follow import ModelFollower, initial_model
 from stream_rnn.stream.sender import OutputSender
 from stream_rnn.stream.state import StateWriter
 from stream_rnn.stream.status import StatusServer
@@ -130,6 +135,12 @@ class WorkerOptions:
     web_port: int | None = None
     worker_dir: Path = Path("/tmp/stream-rnn-worker")  # noqa: S108 - overridden by settings
     log_level: str = "INFO"
+    # the learning loop: serve the registry's production version and follow its announcements
+    registry: Path | None = None
+    update_key_file: Path | None = None
+    model_updates_topic: str = "stream-rnn.model-updates"
+    history: int = 0  # tokens kept per key for a rewarm after a swap (0: off)
+    swap_policy: Literal["keep", "reset", "rewarm"] | None = None  # restores across versions
 
     @classmethod
     def from_settings(
@@ -142,6 +153,8 @@ class WorkerOptions:
         ``settings.partitions``).
         """
         names = {f.name for f in fields(cls)} - {"partitions"}
+        if "registry" not in settings.model_fields_set:
+            names.discard("registry")  # the default directory is not a request to follow it
         base = {name: getattr(settings, name) for name in names if hasattr(settings, name)}
         opts = cls(**{**base, "model_dir": Path(model_dir)})
         return replace(opts, **{k: v for k, v in overrides.items() if v is not None})
@@ -183,6 +196,8 @@ class StreamWorker:
             ttl_s=opts.ttl_s,
             retention_s=opts.state_retention_s,
             store=self.store,
+            history=opts.history,
+            swap_policy=opts.swap_policy,
         )
         self.engine = Engine(model, manifest, pool=pool, running_estimate=opts.running_estimate)
         self.sensor = CountingSensor()
@@ -238,6 +253,9 @@ class StreamWorker:
         self._checkpointing: asyncio.Task[None] | None = None
         self.stopping = False
         self.closed = False
+        # model swaps (registry mode): how many, the pause each caused, refusals by reason
+        self.swaps: list[dict[str, Any]] = []
+        self.updates_rejected: Counter[str] = Counter()
         self._last_expire = time.monotonic()
         self._last_stats = (time.monotonic(), 0)
 
@@ -432,12 +450,14 @@ class StreamWorker:
         else:
             await self._checkpoint_and_commit(force)
 
-    async def _commit_transactions(self, force: bool) -> None:
+    async def _commit_transactions(self, force: bool, *, batches_held: bool = False) -> None:
+        """One commit round. ``batches_held``: the caller holds the batch lock (a model swap
+        commits everything before it, with no micro-batch in between)."""
         if not force and self._commit_lock.locked():
             return  # one in flight; the next is due after it
         async with self._commit_lock:
             started = time.monotonic()
-            async with self._batch_lock:
+            async with contextlib.nullcontext() if batches_held else self._batch_lock:
                 extra = self.durable.has_changes() or any(
                     self.txns.is_open(p) for p in self.txns.partitions
                 )
@@ -563,6 +583,67 @@ class StreamWorker:
             self.protocol.succeeded(plan)
             self.sensor.commits += 1
 
+    # ------------------------------------------------------------------ model swaps
+    async def swap_model(self, verified: VerifiedUpdate) -> None:
+        """Serve ``verified`` from the next micro-batch on, live states following its policy.
+
+        Between two micro-batches (the batch lock is held throughout, so no batch sees two
+        models); under exactly-once also at a transaction boundary: everything processed under
+        the old model commits first, and the states the swap changes go into the next
+        transactions under the new version. The pause is measured and reported.
+        """
+        update = verified.update
+        async with self._batch_lock:
+            if self.stopping or self.closed:
+                return
+            paused = time.monotonic()
+            if self.exactly_once:
+                await self._commit_transactions(force=True, batches_held=True)
+            try:
+                report = await asyncio.get_running_loop().run_in_executor(
+                    self._executor,
+                    self.engine.swap,
+                    verified.model,
+                    verified.manifest,
+                    verified.policy,
+                )
+            except Exception as err:  # noqa: BLE001 - the pool may be half converted: exit
+                log.exception("swapping in model %s failed", update.version)
+                await self.fail(
+                    Decision(
+                        f"swapping in model {update.version} failed ({err!r:.300}); the "
+                        "states may be half converted, so nothing of them is committed: the "
+                        "worker exits and its partitions resume from the last commit",
+                        exit_code=EXIT_SOFTWARE,
+                        abort=self.exactly_once,
+                    )
+                )
+                return
+            pause = time.monotonic() - paused
+        note = "; ".join(n for n in (verified.note, report.note) if n)
+        self.swaps.append(
+            {
+                "from": report.from_version,
+                "to": report.to_version,
+                "policy_announced": update.policy,
+                "policy": report.policy_applied,
+                "keys_resident": report.keys_resident,
+                "keys_stored": report.keys_stored,
+                "pause_s": round(pause, 4),
+                "note": note,
+            }
+        )
+        log.info(
+            "model %s -> %s swapped in (policy %s, %d resident keys converted, %d stored "
+            "follow on admission; pause %.1f ms)%s",
+            report.from_version, report.to_version, report.policy_applied,
+            report.keys_resident, report.keys_stored, pause * 1000, f": {note}" if note else "",
+        )  # fmt: skip
+
+    def update_rejected(self, err: UpdateRejected) -> None:
+        """A refused model update: counted by reason (the current model keeps serving)."""
+        self.updates_rejected[err.reason] += 1
+
     async def shutdown(self) -> None:
         """SIGTERM: stop taking micro-batches, let the one in flight finish, commit, close."""
         if self.closed:
@@ -616,6 +697,9 @@ class StreamWorker:
             "pid": os.getpid(),
             "guarantee": self.opts.guarantee,
             "model_version": self.engine.version,
+            "model_swaps": len(self.swaps),
+            "last_swap": self.swaps[-1] if self.swaps else None,
+            "model_updates_rejected": dict(self.updates_rejected),
             "assigned": self.assigned,
             "batches": s.batches,
             "messages": s.events,
@@ -736,6 +820,23 @@ def build_app(opts: WorkerOptions, worker: StreamWorker | None = None) -> faust.
     async def log_stats() -> None:
         worker.log_stats()
 
+    if opts.registry is not None:
+        key = load_update_key(opts.update_key_file) if opts.update_key_file else None
+        follower = ModelFollower(
+            opts.bootstrap,
+            opts.model_updates_topic,
+            key=key,
+            current=lambda: worker.engine.manifest,
+            apply=worker.swap_model,
+            rejected=worker.update_rejected,
+            client_id=f"{opts.group}-{os.getpid()}-models",
+            device=str(worker.engine.device),
+        )
+
+        @app.task
+        async def follow_models() -> None:
+            await follower.run()
+
     @app.on_before_shutdown.connect
     async def stop_worker(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
         await worker.shutdown()
@@ -748,6 +849,13 @@ def run_worker(opts: WorkerOptions, settings: Settings) -> int:
     layout = ensure_topics(opts.bootstrap, opts.settings(settings), partitions=opts.partitions)
     for mismatch in fb.check_versions():
         log.warning("untested version: %s; the worker relies on its internals", mismatch)
+    if opts.registry is not None:
+        key = load_update_key(opts.update_key_file) if opts.update_key_file else None
+        model_dir, where = initial_model(
+            opts.registry, opts.bootstrap, opts.model_updates_topic, key=key
+        )
+        log.info("serving %s (%s); following %s", model_dir, where, opts.model_updates_topic)
+        opts = replace(opts, model_dir=model_dir)
     removed = remove_stale_dirs(opts.worker_dir)
     if removed:
         log.info("removed %d local state files of workers that are gone", removed)

@@ -101,6 +101,21 @@ def test_faust_queue_errors_surface() -> None:
         asyncio.run(main())
 
 
+def test_a_closed_faust_channel_ends_the_batches() -> None:
+    # faust stops an agent by throwing StopAsyncIteration into its channel's queue
+    async def main() -> list[list[int]]:
+        flow = FlowControlEvent(initially_suspended=False)
+        queue: ThrowableQueue[int] = ThrowableQueue(flow_control=flow)
+        queue.put_nowait(1)
+        got = []
+        async for batch in take_batches(queue, 10, 0.01):
+            got.append(batch)
+            await queue.throw(StopAsyncIteration())
+        return got
+
+    assert asyncio.run(main()) == [[1]]
+
+
 @pytest.mark.parametrize(("max_batch", "wait"), [(0, 0.1), (10, -1.0)])
 def test_bad_limits_are_refused(max_batch: int, wait: float) -> None:
     async def main() -> None:
