@@ -18,6 +18,7 @@ def cli() -> None:
     (generate), inspect gradients through time (grad-report), make or convert data (data),
     run a local Kafka broker (kafka), stream over Kafka (topics, worker, produce, collect, record),
     manage and announce model versions (models), or run the whole job end to end (demo).
+    Retrain production on recorded sequences and publish the candidate if better (retrain).
     """
 
 
@@ -60,6 +61,9 @@ def _register() -> None:
     cli.add_command(kafka_group)
     cli.add_command(topics_group)
     cli.add_command(models_group)
+    from stream_rnn.ops.cli_retrain import retrain_cmd
+
+    cli.add_command(retrain_cmd)
 
 
 _register()

@@ -12,3 +12,10 @@ class DataError(TrainError):
 
     The message says where (file and line, or record key), what was wrong, and what to do.
     """
+
+
+class RetrainError(TrainError):
+    """A retraining run cannot go on: no production model, no data, too little to hold out.
+
+    The message says what was missing, with the values, and what to do.
+    """
