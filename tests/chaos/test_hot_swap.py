@@ -16,7 +16,9 @@ file) while v1 keeps serving with unchanged outputs, then rolls back from v2 to 
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import shutil
 import time
 from pathlib import Path
@@ -24,7 +26,16 @@ from typing import Any
 
 import pytest
 import torch
-from chaos_harness import ALPHABET, KeyLog, produce, read_log, read_predictions_raw, tiny_model
+from chaos_harness import (
+    ALPHABET,
+    CHAOS_ENV,
+    KeyLog,
+    TokenLoad,
+    produce,
+    read_log,
+    read_predictions_raw,
+    tiny_model,
+)
 from chaos_harness import wait_consumed as wait_drained
 from kafka_fixtures import unique_name
 from stream_harness import (
@@ -61,16 +72,20 @@ class Deployment:
             "--topic", self.updates, *extra,
         )  # fmt: skip
 
-    def worker(self, *args: str) -> WorkerProcess:
+    def worker(
+        self, *args: str, group: str | None = None, env: dict[str, str] | None = None
+    ) -> WorkerProcess:
         t = self.topics
         argv = [
             "--registry", str(self.registry), "--bootstrap", self.bootstrap,
-            "--group", unique_name("swap"), *t.worker_args(), "--history", str(HISTORY), *args,
+            "--group", group or unique_name("swap"), *t.worker_args(),
+            "--history", str(HISTORY), *args,
         ]  # fmt: skip
         env = {
             "STREAM_RNN_WORKER_DIR": str(self.tmp / "workers"),
             "STREAM_RNN_MODEL_UPDATES_TOPIC": self.updates,
             "OMP_NUM_THREADS": "1",
+            **(env or {}),
         }
         port = find_free_port(exclude=frozenset(w.port for w in self.workers))
         w = WorkerProcess(argv, port, self.tmp / f"worker-{len(self.workers)}.log", env)
@@ -123,6 +138,9 @@ def _expected(
     if cut == 0:  # a key first seen after the swap: v2 from a fresh state, whatever the policy
         top = torch.softmax(m2(ids)[0][0], dim=-1).topk(5, dim=-1)
         return top.values, top.indices, ["v2"] * len(log.tokens)
+    if cut == len(log.tokens):  # never saw v2
+        top = torch.softmax(m1(ids)[0][0], dim=-1).topk(5, dim=-1)
+        return top.values, top.indices, ["v1"] * cut
     logits1, state1 = m1(ids[:, :cut])
     if policy == "keep":
         logits2, _ = m2(ids[:, cut:], state1)
@@ -230,3 +248,106 @@ def test_refused_updates_leave_the_model_serving_and_rollback_returns(
     assert {names[p["model_version"]] for p in preds} == {"v1"}
     assert status["model_swaps"] == 1
     shutil.rmtree(dep.registry, ignore_errors=True)
+
+
+def test_a_swap_in_the_middle_of_the_kill_loop_stays_exactly_once(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """Two workers under a steady load, SIGKILLed and replaced at random; v2 is published
+    (keep) after the second kill. Every token is answered once, by v1 up to its key's swap
+    point and by v2 after it (a key never goes back), each equal to the offline pass."""
+    dep = deployment
+    v1 = tiny_model(tmp_path / "v1", seed=1)
+    v2 = tiny_model(tmp_path / "v2", seed=2)
+    names = {read_manifest(v1).version: "v1", read_manifest(v2).version: "v2"}
+    dep.models("publish", str(v1), "--policy", "keep")
+    group = unique_name("swap-kill")
+
+    def start() -> WorkerProcess:
+        # states restored under another version continue (keep), as the announcement says
+        return dep.worker("--swap-policy", "keep", "--max-batch", "256", group=group,
+                          env=CHAOS_ENV)  # fmt: skip
+
+    workers = [start(), start()]
+    for w in workers:
+        w.wait_until(lambda s: bool(s["assigned"]), "partitions assigned")
+    rng = random.Random(9)
+    keys = [f"user-{i:03d}" for i in range(120)]
+    load = TokenLoad(dep.bootstrap, dep.topics.tokens, keys, n=8_000, rate=250.0, seed=9)
+    load.start()
+    kills = 0
+    deadline = time.monotonic() + 150
+    while (load.is_alive() or kills < 4) and time.monotonic() < deadline:
+        time.sleep(rng.uniform(0.5, 3.0))
+        victim = rng.randrange(2)
+        workers[victim].proc.kill()
+        workers[victim].proc.wait(10)
+        kills += 1
+        if kills == 2:
+            dep.models("publish", str(v2), "--policy", "keep")
+        workers[victim] = start()
+        workers[victim].wait_until(lambda s: bool(s["assigned"]), "reassigned", 60)
+    load.join(120)
+    assert load.error is None and load.sent == 8_000, load.error
+    wait_drained(dep.bootstrap, group, dep.topics, timeout=120, workers=lambda: workers)
+    for w in workers:
+        assert w.stop() == 0, w.log_tail()
+
+    logs = read_log(dep.bootstrap, dep.topics)
+    preds = read_predictions_raw(dep.bootstrap, dep.topics)
+    by_id = {p["id"]: p for p in preds}
+    assert len(by_id) == len(preds) == 8_000, "duplicates or losses"
+    itos = Vocab.from_tokens(ALPHABET, "char").itos
+    swapped = 0
+    for key, log in logs.items():
+        got = [by_id[f"{log.partition}:{off}"] for off in log.offsets]
+        versions = [names[p["model_version"]] for p in got]
+        cut = versions.index("v2") if "v2" in versions else len(versions)
+        assert versions == ["v1"] * cut + ["v2"] * (len(versions) - cut), (key, versions)
+        swapped += cut < len(versions)
+        probs, top_ids, _ = _expected(v1, v2, "keep", log, cut)
+        for i, pred in enumerate(got):
+            want = {"tokens": [itos[t] for t in top_ids[i].tolist()], "probs": probs[i].tolist()}
+            assert_same_top_k(pred["next"], want, f"{key}@{i}")
+    assert swapped > len(logs) // 2, f"only {swapped} keys saw v2"
+    print(f"\nswap in the kill loop: {kills} SIGKILLs, 8,000 predictions once each, "
+          f"{swapped} of {len(logs)} keys swapped v1 -> v2 (keep), all equal to the offline pass")  # fmt: skip
+
+
+def test_a_retrained_version_reaches_a_live_worker(deployment: Deployment, tmp_path: Path) -> None:
+    """The learning loop end to end: a worker serves an untrained v1; `stream-rnn retrain
+    --from-topic` records what streamed, trains v2 from v1, finds it better on the held-out
+    sequences, publishes and announces it; the worker serves v2 within 10 s, and every
+    prediction after that names v2."""
+    dep = deployment
+    v1 = tiny_model(tmp_path / "v1", seed=1)
+    dep.models("publish", str(v1))
+    worker = dep.worker()
+    worker.wait_until(lambda s: len(s["assigned"]) == 4, "all 4 partitions assigned")
+    # learnable: every key cycles through a short pattern of its own
+    pattern = {f"s{i:03d}": ALPHABET[i % 5 : i % 5 + 3] for i in range(80)}
+    pairs = [(k, p[j % len(p)]) for j in range(24) for k, p in pattern.items()]
+    produce(dep.bootstrap, dep.topics.tokens, pairs)
+    group = worker.status()["group"]  # type: ignore[index]
+    wait_drained(dep.bootstrap, group, dep.topics, timeout=120, workers=lambda: [worker])
+    out = run_cli(
+        "retrain", "--registry", str(dep.registry), "--from-topic", "--bootstrap",
+        dep.bootstrap, "--topic", dep.topics.tokens, "--last", "1h", "--updates-topic",
+        dep.updates, "--epochs", "3", "--lr", "0.01", "--policy", "keep", timeout=300,
+    )  # fmt: skip
+    published = time.monotonic()
+    assert "published" in out, out
+    production = json.loads((dep.registry / "production.json").read_text())["version"]
+    assert production != read_manifest(v1).version
+    took = _swap_to(worker, production, since=published)
+    assert took < SWAP_WITHIN_S, f"v2 reached the worker {took:.1f}s after retrain ended"
+    produce(dep.bootstrap, dep.topics.tokens, [(k, p[0]) for k, p in pattern.items()])
+    wait_drained(dep.bootstrap, group, dep.topics, timeout=120, workers=lambda: [worker])
+    assert worker.stop() == 0, worker.log_tail()
+    preds = read_predictions_raw(dep.bootstrap, dep.topics)
+    last = {}
+    for p in sorted(preds, key=lambda p: int(p["id"].split(":")[1])):
+        last[p["key"]] = p["model_version"]
+    assert set(last.values()) == {production}, "a prediction after the swap named another version"
+    print(f"\nlearning loop: retrain published {production}; the worker served it {took:.2f}s "
+          f"after retrain exited (0: before the command had finished)")  # fmt: skip
