@@ -96,6 +96,9 @@ class DurableState:
         # checkpoint must write them from here (per partition, newest per key).
         # (a deleted key maps to the offset that deleted it)
         self._retry: dict[int, dict[str, StoredState | int]] = defaultdict(dict)
+        # told the model versions named by restored states (on the engine's thread), so that
+        # the worker can teach the engine versions it never served (see Engine.remember)
+        self.on_versions: Callable[[set[str]], None] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -137,6 +140,8 @@ class DurableState:
                     continue
                 pool.discard(key)
             rows.append((key, state.partition, state.value, state.ts))
+        if self.on_versions is not None:
+            self.on_versions({s.version for s in states.values() if s.version})
         # into the on-disk store, still encoded: keys come into the pool when they return
         self.store.put_restored_encoded(rows)
         return len(rows)

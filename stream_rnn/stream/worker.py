@@ -58,9 +58,10 @@ from stream_rnn.engine.diskstore import DiskStateStore
 from stream_rnn.engine.engine import Engine
 from stream_rnn.engine.pool import StatePool
 from stream_rnn.ops.settings import Settings
-from stream_rnn.registry.checkpoint import load_checkpoint
-from stream_rnn.registry.exceptions import UpdateRejected
+from stream_rnn.registry.checkpoint import load_checkpoint, read_manifest
+from stream_rnn.registry.exceptions import RegistryError, UpdateRejected
 from stream_rnn.registry.updates import VerifiedUpdate, load_update_key
+from stream_rnn.registry.versions import Registry
 from stream_rnn.stream import faust_boundary as fb
 from stream_rnn.stream.adapter import Adapter, CountingSensor, Outputs, RawRecord
 from stream_rnn.stream.batches import take_batches
@@ -233,6 +234,9 @@ class StreamWorker:
             interval_s=0.0 if self.exactly_once else opts.checkpoint_interval_s,
             every_tokens=opts.checkpoint_every,
         )
+        self._known_versions: set[str] = {self.engine.version}
+        if opts.registry is not None:
+            self.durable.on_versions = self._remember_versions
         interval = opts.commit_interval_s if self.exactly_once else opts.checkpoint_interval_s
         self.protocol = CommitProtocol(exactly_once=self.exactly_once, interval_s=interval or 1e-6)
         # build_app points these at faust: commit {partition: offset} (at-least-once), and
@@ -639,6 +643,21 @@ class StreamWorker:
             report.from_version, report.to_version, report.policy_applied,
             report.keys_resident, report.keys_stored, pause * 1000, f": {note}" if note else "",
         )  # fmt: skip
+
+    def _remember_versions(self, versions: set[str]) -> None:
+        """Restored states of versions this process never served: their manifests from the
+        registry give the engine an exact keep check and a vocabulary map for a rewarm."""
+        if self.opts.registry is None:
+            return
+        for version in versions - self._known_versions:
+            self._known_versions.add(version)
+            try:
+                manifest = read_manifest(Registry(self.opts.registry).path(version))
+            except RegistryError as err:
+                log.warning("restored states of model %s, not in the registry (%s): they get "
+                            "the swap policy as an unknown version", version, err)  # fmt: skip
+                continue
+            self.engine.remember(manifest)
 
     def update_rejected(self, err: UpdateRejected) -> None:
         """A refused model update: counted by reason (the current model keeps serving)."""
