@@ -100,7 +100,9 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` all at once (temp file in the same directory, fsync,
+    ``os.replace``): a reader sees the old content or the new, never part of it."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -157,7 +159,7 @@ def save_checkpoint(
         created_at=time.time(),
     )
     text = json.dumps(manifest.to_dict(), indent=2, sort_keys=False, allow_nan=False)
-    _atomic_write(out / MANIFEST_FILE, text.encode() + b"\n")
+    atomic_write(out / MANIFEST_FILE, text.encode() + b"\n")
     return manifest
 
 

@@ -43,6 +43,7 @@ from stream_rnn.registry.checkpoint import (
     MANIFEST_FILE,
     WEIGHTS_FILE,
     Manifest,
+    atomic_write,
     load_checkpoint,
     read_manifest,
 )
@@ -342,16 +343,7 @@ def _write_json(path: Path, data: dict[str, Any], *, atomic: bool = False) -> No
     if not atomic:
         path.write_bytes(payload)
         return
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, payload)
     _fsync_dir(path.parent)
 
 
