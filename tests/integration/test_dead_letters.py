@@ -67,7 +67,7 @@ CASES: dict[str, list[Make]] = {
     ],
     "extra_field": [
         lambda i, k: (k.encode(), _v({"v": 1, "type": "token", "token": "a", "x": i})),
-        lambda i, k: (k.encode(), _v({"v": 1, "type": "end", "label": "en"})),
+        lambda i, k: (k.encode(), _v({"v": 1, "type": "end", "colour": "red"})),
     ],
     "wrong_type": [
         lambda i, k: (k.encode(), _v({"v": 1, "type": "token", "token": True})),
