@@ -454,14 +454,15 @@ class StreamWorker:
         else:
             await self._checkpoint_and_commit(force)
 
-    async def _commit_transactions(self, force: bool, *, batches_held: bool = False) -> None:
-        """One commit round. ``batches_held``: the caller holds the batch lock (a model swap
-        commits everything before it, with no micro-batch in between)."""
+    async def _commit_transactions(self, force: bool, *, locks_held: bool = False) -> None:
+        """One commit round. ``locks_held``: the caller holds the commit lock and then the
+        batch lock, in that order (a model swap commits everything before it, with no
+        micro-batch in between); every path takes them in that order, never the other."""
         if not force and self._commit_lock.locked():
             return  # one in flight; the next is due after it
-        async with self._commit_lock:
+        async with contextlib.nullcontext() if locks_held else self._commit_lock:
             started = time.monotonic()
-            async with contextlib.nullcontext() if batches_held else self._batch_lock:
+            async with contextlib.nullcontext() if locks_held else self._batch_lock:
                 extra = self.durable.has_changes() or any(
                     self.txns.is_open(p) for p in self.txns.partitions
                 )
@@ -597,12 +598,14 @@ class StreamWorker:
         transactions under the new version. The pause is measured and reported.
         """
         update = verified.update
-        async with self._batch_lock:
+        # the commit lock first, then the batch lock: the order every commit takes them in (the
+        # other order deadlocks with a revocation's commit)
+        async with self._commit_lock, self._batch_lock:
             if self.stopping or self.closed:
                 return
             paused = time.monotonic()
             if self.exactly_once:
-                await self._commit_transactions(force=True, batches_held=True)
+                await self._commit_transactions(force=True, locks_held=True)
             try:
                 report = await asyncio.get_running_loop().run_in_executor(
                     self._executor,
