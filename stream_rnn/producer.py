@@ -4,6 +4,12 @@ Every event is validated exactly as the worker validates it before it is sent, s
 bug raises `Rejected` here instead of filling the dead-letter topic. The message key is the
 sequence key (UTF-8); events of one key keep their order because they share a partition.
 
+Chunks: with ``max_tokens`` > 1 a key's tokens are coalesced into ``tokens`` events (one
+message for up to ``max_tokens`` tokens, sent when full, when the first token has waited
+``linger_ms``, on `TokenProducer.flush`, or before that key's next control event), so a worker
+pays its per-message cost once per chunk; per-key order is kept. The default, 1, sends one
+``token`` event per token.
+
 Delivery: the Kafka producer is idempotent with ``acks="all"`` and retries for up to
 ``delivery_timeout_ms`` (120 s), so a broker restart neither loses, doubles nor reorders
 events. An event the broker still did not take is never dropped silently: it is counted in
@@ -19,11 +25,17 @@ Example::
         producer.send_end("user-1")
         producer.send_generate("user-2", 20, temperature=0.8, seed=7)
     # leaving the block flushes and closes; it raises StreamError if any event was lost
+
+    # chunks of up to 16 tokens; a key's tokens wait at most 5 ms for company
+    with TokenProducer("127.0.0.1:9092", max_tokens=16, linger_ms=5) as producer:
+        producer.send_tokens("user-1", list("hello"))  # one `tokens` event, sent within 5 ms
+        producer.send_end("user-1")  # sends user-1's open chunk first, then the end
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
@@ -32,9 +44,18 @@ from typing import Any, Literal, Protocol
 from kafka import KafkaProducer
 from kafka.errors import KafkaConfigurationError, KafkaError
 
-from stream_rnn.stream.codec import encode_event
+from stream_rnn.stream.coalesce import Chunk, Coalescer
+from stream_rnn.stream.codec import DEFAULT_MAX_BYTES, encode_event
 from stream_rnn.stream.exceptions import StreamError
-from stream_rnn.stream.messages import EndEvent, Event, GenerateEvent, ResetEvent, TokenEvent
+from stream_rnn.stream.messages import (
+    DEFAULT_MAX_CHUNK_TOKENS,
+    EndEvent,
+    Event,
+    GenerateEvent,
+    ResetEvent,
+    TokenEvent,
+    TokensEvent,
+)
 from stream_rnn.train.data import Record, records_to_events
 from stream_rnn.train.vocab import Level
 
@@ -84,6 +105,15 @@ class TokenProducer:
     raises `StreamError` unless ``enable_idempotence=False`` is passed too.
     ``client_factory`` builds the client from those keyword options (tests pass a fake).
 
+    Chunks: ``max_tokens`` > 1 coalesces each key's tokens into ``tokens`` events of up to
+    ``max_tokens`` tokens (keep it within the workers' ``max_chunk_tokens``, 256 by default)
+    and ``max_bytes`` bytes (their ``max_message_bytes``). A chunk goes out when full, when its
+    first token has waited ``linger_ms`` (a background thread sends it), at `flush` / `close`,
+    or before the key's next control event, so each key's events keep their order. A chunk's
+    ``ts`` is its first token's; a chunk of one token goes out as a ``token`` event.
+    ``linger_ms`` is also the Kafka client's linger. ``sent``, ``acked``, ``failed`` count
+    messages (a chunk is one); ``buffered`` counts tokens waiting in open chunks.
+
     Failures: each send registers a callback and an errback; ``sent``, ``acked`` and
     ``failed`` count the events (``pending`` is the rest). Once an event has failed, `send`
     raises `StreamError` instead of sending more into a topic that does not take them (the
@@ -106,11 +136,29 @@ class TokenProducer:
         topic: str = "stream-rnn.tokens",
         *,
         linger_ms: int = 5,
+        max_tokens: int = 1,
+        max_bytes: int = DEFAULT_MAX_BYTES,
         client_factory: ClientFactory = KafkaProducer,
+        clock: Callable[[], float] = time.monotonic,
         **config: Any,
     ) -> None:
         self.topic = topic
         self.bootstrap = bootstrap
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(
+                f"max_tokens must be an integer >= 1 (1: no chunks), got {max_tokens!r}"
+            )
+        if not linger_ms >= 0:
+            raise ValueError(f"linger_ms must be >= 0, got {linger_ms!r}")
+        self.max_tokens = max_tokens
+        self._chunks = Coalescer(max_tokens, linger_ms / 1000, max_bytes=max_bytes)
+        self._clock = clock
+        # One lock orders every send: a key's chunk (sent by the linger thread or by the app
+        # thread) and its next events reach the client in the order they were sent.
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
+        self._linger_thread: threading.Thread | None = None
+        self._stopping = False
         options: dict[str, Any] = {
             "bootstrap_servers": bootstrap,
             "client_id": "stream-rnn-producer",
@@ -152,34 +200,69 @@ class TokenProducer:
         """Events sent but neither acknowledged nor failed yet."""
         return self.sent - self.acked - self.failed
 
+    @property
+    def buffered(self) -> int:
+        """Tokens waiting in open chunks (always 0 with ``max_tokens`` 1)."""
+        return self._chunks.buffered
+
     def send(self, key: str, event: Event) -> None:
-        """Validate, encode and send one event for ``key`` (asynchronous; see `flush`).
+        """Validate, encode and send one event for ``key`` (asynchronous; see `flush`);
+        the key's open chunk, if any, goes out before it.
 
         Raises:
             ValueError, Rejected: the key or the event is invalid (nothing was sent).
             StreamError: an earlier event failed, the producer is closed, or the client
                 could not take the event (e.g. no metadata for the topic within max_block_ms).
         """
-        if not isinstance(key, str) or not key:
-            raise ValueError(f"the sequence key must be a non-empty string, got {key!r:.40}")
-        if self._closed:
-            raise StreamError(f"this producer for {self.topic!r} is closed; create a new one")
-        self._raise_if_failed()
-        value = encode_event(event)
-        try:
-            future = self._client.send(self.topic, value=value, key=key.encode("utf-8"))
-        except KafkaError as err:
-            raise StreamError(
-                f"could not send an event for key {key!r:.40} to {self.topic!r} at "
-                f"{self.bootstrap} ({err}); check that the broker is up and the topic exists"
-            ) from err
-        self.sent += 1  # before the errback, which runs at once on an already failed future
-        future.add_callback(self._on_ack)
-        future.add_errback(self._on_error)
+        self._check(key)
+        # a `tokens` event of the caller's own: within the workers' default limit, or this
+        # producer's max_tokens if that is larger (the workers are then configured for it)
+        value = encode_event(event, max_tokens=max(self.max_tokens, DEFAULT_MAX_CHUNK_TOKENS))
+        with self._lock:
+            chunk = self._chunks.take(key)
+            if chunk is not None:
+                self._send_chunks([chunk])
+            self._send_value(key, value)
 
     def send_token(self, key: str, token: str | int, ts: float | None | Now = "now") -> None:
-        """One token: a string is looked up in the model's vocabulary, an int is a token id."""
-        self.send(key, TokenEvent(token, _ts(ts)))
+        """One token: a string is looked up in the model's vocabulary, an int is a token id.
+
+        With ``max_tokens`` > 1 it joins the key's open chunk (see the class docstring)."""
+        if self.max_tokens == 1:
+            self.send(key, TokenEvent(token, _ts(ts)))
+        else:
+            self.send_tokens(key, [token], ts)
+
+    def send_tokens(
+        self, key: str, tokens: Sequence[str | int], ts: float | None | Now = "now"
+    ) -> None:
+        """Several tokens of ``key``, in order: with ``max_tokens`` > 1 they join the key's
+        open chunk (full chunks go out at once), else each goes out as a ``token`` event.
+
+        Raises:
+            ValueError, Rejected: the key or a token is invalid (none of them was sent).
+            StreamError: as `send`.
+        """
+        if self.max_tokens == 1:
+            events = [TokenEvent(token, _ts(ts)) for token in tokens]
+            for event in events:
+                encode_event(event)  # all checked before any goes out
+            for event in events:
+                self.send(key, event)
+            return
+        self._check(key)
+        sent_at = _ts(ts)
+        with self._lock:
+            was_idle = not len(self._chunks)
+            self._send_chunks(self._chunks.add(key, tokens, sent_at, self._clock()))
+            if len(self._chunks):
+                if self._linger_thread is None:
+                    self._linger_thread = threading.Thread(
+                        target=self._linger, name="stream-rnn-producer-linger", daemon=True
+                    )
+                    self._linger_thread.start()
+                elif was_idle:
+                    self._wake.notify()  # it waits for a first chunk with no deadline
 
     def send_end(self, key: str, ts: float | None | Now = "now", label: str | None = None) -> None:
         """Close the key's sequence (classify and seq2seq models answer at this point);
@@ -214,6 +297,11 @@ class TokenProducer:
                 this producer so far failed (failures stay reported: flush raises again).
         """
         timeout = self.flush_timeout_s if timeout_s is None else timeout_s
+        with self._lock:
+            try:
+                self._send_chunks(self._chunks.drain())
+            except StreamError:  # counted as failed: reported below with the others
+                pass
         try:
             self._client.flush(timeout=timeout)
         except KafkaError as err:
@@ -228,14 +316,77 @@ class TokenProducer:
         """Flush, then disconnect (always); raises as `flush` does. A second call does nothing."""
         if self._closed:
             return
-        self._closed = True
         try:
             self.flush(timeout_s)
         finally:
+            self._closed = True
+            with self._lock:
+                self._stopping = True
+                self._wake.notify()
+                for chunk in self._chunks.drain():  # only if the flush failed half way
+                    self._lost(chunk, StreamError("the producer closed before it was sent"))
+            if self._linger_thread is not None:
+                self._linger_thread.join(CLOSE_TIMEOUT_S)
             try:
                 self._client.close(timeout=CLOSE_TIMEOUT_S)
             except KafkaError as err:  # the flush above already said what was lost
                 _log.warning("closing the Kafka producer for %r: %s", self.topic, err)
+
+    def _check(self, key: str) -> None:
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"the sequence key must be a non-empty string, got {key!r:.40}")
+        if self._closed:
+            raise StreamError(f"this producer for {self.topic!r} is closed; create a new one")
+        self._raise_if_failed()
+
+    def _send_value(self, key: str, value: bytes) -> None:
+        """Hand one encoded event to the client (the caller holds the lock)."""
+        try:
+            future = self._client.send(self.topic, value=value, key=key.encode("utf-8"))
+        except KafkaError as err:
+            raise StreamError(
+                f"could not send an event for key {key!r:.40} to {self.topic!r} at "
+                f"{self.bootstrap} ({err}); check that the broker is up and the topic exists"
+            ) from err
+        self.sent += 1  # before the errback, which runs at once on an already failed future
+        future.add_callback(self._on_ack)
+        future.add_errback(self._on_error)
+
+    def _send_chunks(self, chunks: list[Chunk]) -> None:
+        """Send closed chunks in order: a ``token`` event for one token, else a ``tokens``
+        event. Their tokens were sent by earlier calls too, so a chunk the client refuses is
+        counted as failed (every later call raises), and so are the chunks after it; then
+        the client's error is raised."""
+        for i, chunk in enumerate(chunks):
+            if len(chunk.tokens) == 1:
+                event: Event = TokenEvent(chunk.tokens[0], chunk.ts)
+            else:
+                event = TokensEvent(chunk.tokens, chunk.ts)
+            try:
+                self._send_value(chunk.key, encode_event(event, max_tokens=self.max_tokens))
+            except StreamError as err:  # Rejected included (tokens were checked: a bug)
+                for lost in chunks[i:]:
+                    self._lost(lost, err)
+                raise
+
+    def _linger(self) -> None:
+        """The linger thread: sends every chunk whose first token has waited ``linger_ms``."""
+        with self._wake:
+            while not self._stopping:
+                deadline = self._chunks.next_deadline()
+                now = self._clock()
+                if deadline is None or deadline > now:
+                    self._wake.wait(None if deadline is None else deadline - now)
+                    continue
+                try:
+                    self._send_chunks(self._chunks.due(now))
+                except StreamError:  # counted as failed: the app's next call raises it
+                    pass
+
+    def _lost(self, chunk: Chunk, err: BaseException) -> None:
+        """Count a chunk that could not be handed to the client as a sent, failed event."""
+        self.sent += 1
+        self._on_error(err)
 
     def _on_ack(self, _metadata: object) -> None:
         self.acked += 1
@@ -321,7 +472,8 @@ def produce_records(
     rate: float | None = None,
     interleave_seed: int | None = None,
 ) -> int:
-    """Send every record as token events plus an ``end``; returns how many events were sent.
+    """Send every record as tokens plus an ``end``; returns how many tokens and ends were sent
+    (the producer's ``sent`` counts messages: fewer when it coalesces tokens into chunks).
 
     ``text`` is split by ``level`` (the model's vocabulary level). Integer tokens of recorded
     sequences are sent as strings: offline scoring looks them up as ``str(token)``, whereas an

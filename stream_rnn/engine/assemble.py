@@ -8,13 +8,20 @@ every sequence after an ``end`` is ``seq`` 0 again. Sequences are therefore told
 source order of the events: a prediction's ``id`` is ``partition:offset`` of the event that
 caused it, and a sequence is closed by the prediction of its ``end`` (types ``end``, ``label``,
 ``translation``) or ``reset``.
+
+A chunk's prediction (``next_chunk``, ``tag_chunk``, ``estimate_chunk``: one message for several
+tokens) is expanded into the per-token predictions that single-token events would have given,
+so chunked and per-token streams assemble into the same lines.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
+
+from stream_rnn.engine.events import CHUNK_TYPES
+from stream_rnn.engine.exceptions import EngineError
 
 # prediction types that close their key's current sequence
 CLOSING = frozenset({"end", "label", "translation", "reset"})
@@ -45,7 +52,10 @@ def assemble(
         if ident in seen:
             continue
         seen.add(ident)
-        per_key[p["key"]].append(p)
+        if p["type"] in CHUNK_TYPES:
+            per_key[p["key"]].extend(expand_chunk(p))
+        else:
+            per_key[p["key"]].append(p)
     lines: dict[tuple[str, int], dict[str, Any]] = {}
     for key, preds in per_key.items():
         for n, seq_preds in _sequences(preds):
@@ -53,6 +63,31 @@ def assemble(
             if line is not None:
                 lines[(key, n)] = line
     return lines
+
+
+def expand_chunk(pred: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The per-token predictions of a chunk's prediction, in order (``pos`` .. ``pos_to``).
+
+    Each carries the chunk's other fields (``id``, ``seq``, ``model_version``, ...), the
+    per-token type, its position, and entry i of each per-token list field.
+
+    >>> chunk = {"type": "tag_chunk", "id": "0:7", "pos": 3, "pos_to": 4,
+    ...          "tag": ["N", "V"], "prob": [0.9, 0.8]}
+    >>> [(p["type"], p["pos"], p["tag"], p["prob"]) for p in expand_chunk(chunk)]
+    [('tag', 3, 'N', 0.9), ('tag', 4, 'V', 0.8)]
+    """
+    kind, fields = CHUNK_TYPES[pred["type"]]
+    first, last = pred["pos"], pred["pos_to"]
+    common = {k: v for k, v in pred.items() if k not in fields and k != "pos_to"}
+    columns = [pred[name] for name in fields]
+    if any(len(column) != last - first + 1 for column in columns):
+        raise EngineError(
+            f"chunk prediction {pred.get('id')!r} covers positions {first}..{last} but carries "
+            f"{[len(c) for c in columns]} entries in {list(fields)}; its writer is broken "
+            "(every per-token list needs pos_to - pos + 1 entries)"
+        )
+    for i, values in enumerate(zip(*columns, strict=True)):
+        yield {**common, "type": kind, "pos": first + i, **dict(zip(fields, values, strict=True))}
 
 
 def _source(ident: object) -> tuple[int, int] | None:

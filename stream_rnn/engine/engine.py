@@ -2,10 +2,11 @@
 
 Per micro-batch: split events into phases so that a key's control events (end, reset,
 generate) see exactly the tokens before them; per phase, find the keys' pool slots (one
-C-level dict pass), group tokens by slot with tensor ops (:mod:`~stream_rnn.engine.ragged`),
-gather the keys' states with one indexed read, advance them with one packed network step (no
-padding: the few keys with several tokens take the extra steps), write them back with one
-indexed write, then run the heads on all tokens at once.
+C-level dict pass), lay chunk events (several tokens of a key in one message) out as
+consecutive tokens of their key, group tokens by slot with tensor ops
+(:mod:`~stream_rnn.engine.ragged`), gather the keys' states with one indexed read, advance
+them with one packed network step (no padding: keys with several tokens take the extra
+steps), write them back with one indexed write, then run the heads on all tokens at once.
 
 :meth:`Engine.swap` changes the model between micro-batches; every state follows a policy
 (:mod:`~stream_rnn.engine.versions`).
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from itertools import chain
 from typing import Any, cast
 
 import torch
@@ -237,8 +239,11 @@ class Engine:
             self._tokens(sub, result)
 
     def _step(self, events: list[Event], at: Tensor, result: BatchResult) -> None:
-        """Advance resident keys by ``events``; ``at`` (N,): each event's key's pool slot."""
-        n = len(events)
+        """Advance resident keys by ``events``; ``at`` (M,): each event's key's pool slot.
+
+        A chunk event's tokens are laid out as consecutive tokens of its key (what follows
+        works per token: N >= M), so they take the same packed step as single tokens."""
+        m = len(events)
         pool = self.pool
         offsets = parts = None
         if events[0].offset >= 0:
@@ -252,14 +257,32 @@ class Engine:
             if not bool(keep.all()):
                 # redelivered after a restart: these tokens are already in their key's state
                 kept = [events[i] for i in keep.nonzero().flatten().tolist()]
-                result.skipped += n - len(kept)
+                result.skipped += m - len(kept)
                 if kept:
                     self._tokens(kept, result)
                 return
-        # one packed step: every key's first token straight from the pool, then the few keys
-        # with more; per-event outputs in packed order (the heads put results in event order)
+        ids = [e.token for e in events]
+        counts: list[int] | None = None
+        at_event = at
+        if -1 in ids:  # some event is a chunk (token -1): lay its tokens out one by one
+            chunks = [e.tokens for e in events]
+            counts = [1 if c is None else len(c) for c in chunks]
+            if 0 in counts:
+                raise EngineError(
+                    "a chunk event has no tokens; give every chunk at least one token id "
+                    "(the stream adapter rejects empty chunks before they get here)"
+                )
+            ids = list(
+                chain.from_iterable(
+                    [t] if c is None else c for t, c in zip(ids, chunks, strict=True)
+                )
+            )
+            at = at.repeat_interleave(long_tensor(counts))
+        n = len(ids)
+        # one packed step: every key's first token straight from the pool, then the keys with
+        # more; per-token outputs in packed order (the heads put results in token order)
         slots, groups = group_slots(at, self._scratch)
-        token_ids = long_tensor([e.token for e in events])
+        token_ids = long_tensor(ids)
         tokens = token_ids.to(self.device)
         feats, new_state = step_ragged(self.model, tokens, pool.gather(slots), groups)
         pool.scatter(slots, new_state)
@@ -272,10 +295,10 @@ class Engine:
             pos += groups.rank
             pool.pos.index_add_(0, at, torch.ones(n, dtype=torch.long))
         if offsets is not None and parts is not None:
-            self._mark_applied(at, offsets, parts)
+            self._mark_applied(at_event, offsets, parts)
         if self.model.encoder is None:
             feats = self.model.decoder(feats)
-        block = self.heads.token_block(events, feats, pos, seq, self.version, groups.packed)
+        block = self.heads.token_block(events, feats, pos, seq, self.version, groups.packed, counts)
         if block is not None:
             result.items.append(block)
         result.tokens += n

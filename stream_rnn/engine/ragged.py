@@ -1,9 +1,9 @@
 """Ragged micro-batches: N tokens of K keys advanced in one packed RNN call, with no padding.
 
-Most keys have one token in a micro-batch, a few have several: the keys are ordered by their
-number of tokens (most first) and the tokens laid out time-major as a packed sequence, so step 0
-advances all K states straight from the pool and step t only the keys with more than t tokens,
-all in one fused call. The per-token outputs come back as ``(N, H)`` rows, ready for the heads:
+Most keys have one token in a micro-batch, a few have several (or many: a ``tokens`` chunk): the
+keys are ordered by their number of tokens (most first) and the tokens laid out time-major as a
+packed sequence, so step 0 advances all K states straight from the pool and step t only the keys
+with more than t tokens, all in one fused call. The per-token outputs come back as ``(N, H)`` rows, ready for the heads:
 no padded ``(K, T, H)`` grid, no sort by length of the whole batch, no copy of the whole state.
 """
 
@@ -49,10 +49,12 @@ class Ragged:
 
 def group_slots(slots: Tensor, scratch: Tensor) -> tuple[Tensor, Ragged]:
     """Group tokens by their keys' pool slots (N,): the distinct slots in the batch order of
-    :func:`step_ragged` (keys with several tokens first, then by first token), and the layout.
+    :func:`step_ragged` (keys with several tokens first, most first, ties by first token;
+    then the others by first token), and the layout.
 
-    Tensor ops but for a short Python pass over the few tokens that are not their key's first.
-    ``scratch``: an int64 tensor as long as the pool (its contents are overwritten).
+    Whole-batch tensor ops only, however many tokens a key has (a chunk of 16 tokens of one
+    key costs no more Python than one token). ``scratch``: an int64 tensor as long as the
+    pool (its contents are overwritten).
     """
     n = len(slots)
     arange = _arange(n)
@@ -60,32 +62,37 @@ def group_slots(slots: Tensor, scratch: Tensor) -> tuple[Tensor, Ragged]:
     scratch.scatter_reduce_(0, slots, arange, reduce="amin")
     first_of = scratch.index_select(0, slots)  # each token's key's first token
     later = first_of != arange
-    later_idx = later.nonzero().flatten()
+    later_idx = later.nonzero().flatten()  # (L,) tokens that are not their key's first
     if not len(later_idx):
         return slots, Ragged()
-    extra: dict[int, list[int]] = {}  # a key's first token -> its other tokens, in order
-    for i, first in zip(
-        later_idx.tolist(), first_of.index_select(0, later_idx).tolist(), strict=True
-    ):
-        extra.setdefault(first, []).append(i)
-    multi = sorted(extra, key=lambda f: -len(extra[f]))  # stable: ties keep arrival order
-    ranks: list[int] = []
-    steps: list[int] = []
-    batch_sizes = [n - len(later_idx)]
-    for t in range(len(extra[multi[0]])):
-        running = [f for f in multi if len(extra[f]) > t]  # a prefix of multi
-        steps += [extra[f][t] for f in running]
-        ranks += [t + 1] * len(running)
-        batch_sizes.append(len(running))
-    multi_t = long_tensor(multi)
+    # A stable sort of the later tokens by their key's first token lines them up key by key
+    # (the M keys with several tokens, numbered by first token), each key's in arrival order.
+    later_first = first_of.index_select(0, later_idx)
+    order = torch.sort(later_first, stable=True).indices
+    first_s, idx_s = later_first.index_select(0, order), later_idx.index_select(0, order)
+    run_start = torch.ones(len(order), dtype=torch.bool)
+    torch.ne(first_s[1:], first_s[:-1], out=run_start[1:])
+    starts = run_start.nonzero().flatten()  # (M,) where each key's run begins
+    key_s = run_start.cumsum(0) - 1
+    rank_s = _arange(len(order)) - starts.index_select(0, key_s) + 1  # 1, 2, ...: 0 is the first
+    # batch order: most tokens first, a stable sort keeps first-token order among ties; then
+    # the keys with one token, by first token
+    multi_order = torch.sort(torch.bincount(key_s), descending=True, stable=True).indices
+    multi_first = first_s.index_select(0, starts)
     single = ~later
-    single.index_fill_(0, multi_t, False)
-    firsts = torch.cat([multi_t, single.nonzero().flatten()])  # each key's first token
-    steps_t = long_tensor(steps)
-    rank = torch.zeros(n, dtype=torch.long)
-    rank[steps_t] = long_tensor(ranks)
-    packed = torch.cat([firsts, steps_t])
-    return slots.index_select(0, firsts), Ragged(rank, packed, long_tensor(batch_sizes))
+    single.index_fill_(0, multi_first, False)
+    firsts = torch.cat([multi_first.index_select(0, multi_order), single.nonzero().flatten()])
+    row = torch.empty(len(multi_order), dtype=torch.long)
+    row.index_copy_(0, multi_order, _arange(len(multi_order)))
+    batch_sizes = torch.bincount(rank_s)  # keys taking step t: those with more than t tokens
+    batch_sizes[0] = len(firsts)
+    step_start = batch_sizes.cumsum(0) - batch_sizes
+    packed = torch.empty(n, dtype=torch.long)
+    packed[: len(firsts)] = firsts
+    where = step_start.index_select(0, rank_s) + row.index_select(0, key_s)
+    packed.index_copy_(0, where, idx_s)
+    rank = torch.zeros(n, dtype=torch.long).index_copy_(0, idx_s, rank_s)
+    return slots.index_select(0, firsts), Ragged(rank, packed, batch_sizes)
 
 
 def step_ragged(

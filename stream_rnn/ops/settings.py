@@ -64,6 +64,12 @@ class Settings(BaseSettings):
     max_batch: int = Field(1024, ge=1, description="largest micro-batch (messages)")
     max_wait_s: float = Field(0.05, gt=0, description="longest wait to fill a micro-batch")
     max_message_bytes: int = Field(4096, ge=16, description="larger values are dead-lettered")
+    max_chunk_tokens: int = Field(
+        256,
+        ge=1,
+        description="most tokens one 'tokens' event (a chunk) may carry; larger chunks are "
+        "dead-lettered (reason oversized), as are values over max_message_bytes",
+    )
     unknown_token: Literal["unk", "reject"] = Field(
         "unk", description="a token not in the vocabulary: map to <unk> or dead-letter it"
     )

@@ -1,4 +1,4 @@
-"""Kafka-free glue between raw records and the engine: decode, dead-letter, finalise, encode.
+"""Kafka-free glue between raw records and the engine: decode, dead-letter, encode.
 
 A worker hands a poll's raw records to `Adapter.decode`, runs the engine on the events, and
 `Adapter.finish` turns the engine's result into encoded prediction and dead-letter messages.
@@ -11,13 +11,18 @@ unit-testable (and the simulator or a benchmark can drive it).
 >>> batch = adapter.decode([RawRecord(b"u1", b'{"v":1,"type":"token","token":"a"}', "t", 0, 7)])
 >>> batch.events[0].key, batch.events[0].token, batch.events[0].id, batch.dead_letters
 ('u1', 4, '0:7', [])
+>>> adapter.decode([RawRecord(b"u1", b'{"v":1,"type":"tokens","tokens":["a",5]}', "t", 0, 8)]
+...                ).events[0].tokens
+[4, 5]
 """
 
 from __future__ import annotations
 
+import gc
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, cast
 
@@ -28,11 +33,20 @@ from stream_rnn.stream.codec import (
     decode_batch,
     decode_key,
     encode_dead_letter,
-    encode_prediction,
     resolve_token,
+    resolve_tokens,
 )
+from stream_rnn.stream.encoder import PredictionEncoder
 from stream_rnn.stream.exceptions import Rejected
-from stream_rnn.stream.messages import EndEvent, GenerateEvent, Reason, ResetEvent, TokenEvent
+from stream_rnn.stream.messages import (
+    DEFAULT_MAX_CHUNK_TOKENS,
+    EndEvent,
+    GenerateEvent,
+    Reason,
+    ResetEvent,
+    TokenEvent,
+    TokensEvent,
+)
 from stream_rnn.train.vocab import Vocab
 
 # Below this, logits / temperature overflows float32 for ordinary logits and sampling fails
@@ -144,7 +158,9 @@ class Adapter:
     """Raw records -> engine events -> encoded predictions and dead letters.
 
     ``unknown`` is the policy for string tokens not in the vocabulary: ``"unk"`` maps them to
-    ``<unk>`` (as offline scoring does), ``"reject"`` dead-letters them.
+    ``<unk>`` (as offline scoring does), ``"reject"`` dead-letters them (a chunk with one: the
+    whole chunk, the detail naming the token's index). ``max_bytes`` bounds a message's
+    value, ``max_tokens`` the tokens of one ``tokens`` chunk.
 
     Example::
 
@@ -159,6 +175,7 @@ class Adapter:
         *,
         unknown: Literal["unk", "reject"] = "unk",
         max_bytes: int = DEFAULT_MAX_BYTES,
+        max_tokens: int = DEFAULT_MAX_CHUNK_TOKENS,
         sensor: Sensor | None = None,
         clock: Callable[[], float] = time.time,
         exactly_once: bool = True,
@@ -168,6 +185,10 @@ class Adapter:
         self.vocab = vocab
         self.unknown: Literal["unk", "reject"] = unknown
         self.max_bytes = max_bytes
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens (tokens per chunk) must be >= 1, got {max_tokens}")
+        self.max_tokens = max_tokens
+        self.encoder = PredictionEncoder()
         self.sensor: Sensor = sensor if sensor is not None else CountingSensor()
         self.clock = clock
         self.exactly_once = exactly_once
@@ -176,7 +197,7 @@ class Adapter:
         """Validate and decode ``records``; rejected ones become dead letters right away."""
         # A None value (tombstone) is allowed in: decode_batch rejects it as not_json.
         values: list[Any] = [r.value for r in records]
-        decoded = decode_batch(values, max_bytes=self.max_bytes)
+        decoded = decode_batch(values, max_bytes=self.max_bytes, max_tokens=self.max_tokens)
         events: list[Event] = []
         dead: list[tuple[bytes | None, bytes]] = []
         dead_parts: list[int] = []
@@ -188,9 +209,10 @@ class Adapter:
                 key = decode_key(rec.key)
                 if isinstance(msg, Rejected):
                     raise msg
-                ident = f"{rec.partition}:{rec.offset}"
+                part = rec.partition
+                ident = f"{part}:{rec.offset}"
                 # offsets make the engine skip redeliveries (exactly-once effect on state)
-                part, off = (rec.partition, rec.offset) if self.exactly_once else (-1, -1)
+                off = rec.offset if self.exactly_once else -1
                 if msg.__class__ is TokenEvent:
                     token = msg.token
                     # Fast path: a known string token; everything else gets the precise checks.
@@ -198,6 +220,9 @@ class Adapter:
                     if not tid:
                         tid = resolve_token(token, vocab, unknown=unknown)
                     event = Event(key, TOKEN, tid, ident, msg.ts, None, part, off)
+                elif msg.__class__ is TokensEvent:
+                    tids = resolve_tokens(msg.tokens, vocab, unknown=unknown)
+                    event = Event(key, TOKEN, -1, ident, msg.ts, None, part, off, tids)
                 elif isinstance(msg, GenerateEvent):
                     gen = _generate_params(msg)
                     event = Event(key, GENERATE, -1, ident, msg.ts, gen, part, off)
@@ -220,11 +245,8 @@ class Adapter:
             rec = batch.records[rejection.event.id]
             dead.append(self._dead_letter(rec, rejection.reason, rejection.detail, now))
             dead_parts.append(rec.partition)
-        preds: list[tuple[bytes, bytes]] = []
-        parts: list[int] = []
-        for pred in result.predictions:
-            preds.append((pred["key"].encode(), encode_prediction(finalise(pred, now))))
-            parts.append(int(pred["id"].partition(":")[0] or -1))
+        keys, values, parts = self.encoder.encode(result, now)
+        preds = list(zip(keys, values, strict=True))
         if preds:
             self.sensor.on_predictions(len(preds))
         if result.skipped and isinstance(self.sensor, CountingSensor):
@@ -232,10 +254,19 @@ class Adapter:
         return Outputs(preds, dead, result.tokens, parts, dead_parts)
 
     def process(self, records: Sequence[RawRecord], engine: Engine) -> Outputs:
-        """`decode`, ``engine.process``, `finish`; reports the batch to the sensor."""
+        """`decode`, ``engine.process``, `finish`; reports the batch to the sensor.
+
+        Automatic garbage collection waits while a batch is processed: its many short-lived
+        containers (events, per-token lists of the encoder) die by reference counting at its
+        end, whereas a collection in the middle would promote them and set off full
+        collections over every object of the process (model, pool, clients). Measured with
+        ``simulations/chunk_bench.py`` (chunks of 16): ~140 ms full collections every few
+        batches, the mean batch time 1.5x its median; none with the pause.
+        """
         started = time.perf_counter()
-        batch = self.decode(records)
-        out = self.finish(batch, engine.process(batch.events))
+        with _gc_paused():
+            batch = self.decode(records)
+            out = self.finish(batch, engine.process(batch.events))
         self.sensor.on_batch(len(records), out.tokens, time.perf_counter() - started)
         return out
 
@@ -256,19 +287,17 @@ class Adapter:
         return rec.key, value
 
 
-def finalise(pred: dict[str, Any], now: float) -> dict[str, Any]:
-    """Turn an engine prediction into its wire form, in place: latency, emit time, version.
-
-    The engine leaves the producer's timestamp in ``"_ts"``; it becomes ``latency_s``.
-
-    >>> finalise({"key": "k", "_ts": 9.5}, now=10.0)
-    {'key': 'k', 'latency_s': 0.5, 'ts': 10.0, 'v': 1}
-    """
-    sent = pred.pop("_ts", None)
-    pred["latency_s"] = None if sent is None else now - sent
-    pred["ts"] = now
-    pred["v"] = 1
-    return pred
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No automatic collection inside (a no-op if the application turned it off itself)."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def _generate_params(msg: GenerateEvent) -> GenerateParams:

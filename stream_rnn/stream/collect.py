@@ -3,7 +3,9 @@
 The whole topic is read from the beginning with a group-less kafka-python consumer (no offsets
 are committed, nothing is shared with the workers), duplicates of the at-least-once stream are
 dropped by ``(id, type)``, and the predictions are assembled per ``(key, seq)`` into exactly the
-line format of ``stream-rnn score``, so the two files can be compared line by line.
+line format of ``stream-rnn score``, so the two files can be compared line by line. A chunk's
+prediction (``next_chunk``, ...) is expanded into its per-token predictions on the way
+(`stream_rnn.engine.assemble.expand_chunk`): chunked and per-token streams give the same lines.
 
 Example::
 

@@ -2,9 +2,12 @@
 
 Every message is one UTF-8 JSON object; the Kafka key is the sequence key (UTF-8 bytes).
 
-* input topic: `TokenEvent` or a control event (`EndEvent`, `ResetEvent`, `GenerateEvent`),
-  told apart by ``type``; ``v`` (schema version, always 1) is required on the wire.
-* output topic: a prediction, one of the ``*Prediction`` structs, told apart by ``type``.
+* input topic: `TokenEvent` (one token), `TokensEvent` (a chunk of a key's tokens, in order)
+  or a control event (`EndEvent`, `ResetEvent`, `GenerateEvent`), told apart by ``type``;
+  ``v`` (schema version, always 1) is required on the wire.
+* output topic: a prediction, one of the ``*Prediction`` structs, told apart by ``type``. A
+  chunk's per-token outputs come in one ``*_chunk`` prediction: its payload fields are those of
+  the per-token type, each a list with one entry per token (`CHUNK_TYPES`).
 * dead-letter topic: `DeadLetter`, the original bytes base64-encoded, with a `Reason` code.
 
 The structs are msgspec Structs: `stream_rnn.stream.codec` decodes straight into them and
@@ -14,6 +17,8 @@ regenerate with ``python -m stream_rnn.stream.messages``).
 
 >>> TokenEvent("a", ts=1.7e9)
 TokenEvent(token='a', ts=1700000000.0, v=1)
+>>> TokensEvent(["h", "i", 17]).tokens
+['h', 'i', 17]
 >>> GenerateEvent(n=20).temperature
 1.0
 >>> sorted(load_schema("token_event")["$defs"]["TokenEvent"]["required"])
@@ -30,10 +35,13 @@ import msgspec
 import orjson
 from msgspec import Meta, Struct
 
+# chunk prediction type -> (its per-token type, its payload fields: per-token lists)
+from stream_rnn.engine.events import CHUNK_TYPES as CHUNK_TYPES
 from stream_rnn.stream.exceptions import StreamError
 
 SCHEMA_VERSION = 1
 MAX_GENERATE = 1000
+DEFAULT_MAX_CHUNK_TOKENS = 256  # a worker's default limit on the tokens of one chunk
 MAX_LABEL_CHARS = 128
 _MAX_FLOAT = sys.float_info.max  # a `le` bound that rejects inf; NaN fails every bound
 
@@ -59,18 +67,24 @@ REASONS: dict[Reason, str] = {
     "wrong_type": "a field has the wrong JSON type (true is not an integer, 1.0 is not a token id)",
     "bad_version": "'v' is not 1, the only schema version this worker understands",
     "missing_key": "the Kafka message has no key (or an empty or non-UTF-8 one)",
-    "unknown_token": "a string token is not in the model's vocabulary (and unknowns are rejected)",
-    "token_out_of_range": "an integer token is not a valid input id 1..len(vocab)-1",
-    "oversized": "the value is longer than the worker's max_bytes; it was not parsed",
+    "unknown_token": "a string token is not in the model's vocabulary (and unknowns are rejected); "
+    "in a chunk, the detail names the token's index",
+    "token_out_of_range": "an integer token is not a valid input id 1..len(vocab)-1; in a chunk, "
+    "the detail names the token's index",
+    "oversized": "the value is longer than the worker's max_bytes (it was not parsed), or a "
+    "'tokens' chunk holds more tokens than the worker's max_chunk_tokens",
     "unknown_key": "a control event for a key that has no state (decided by the engine)",
     "bad_value": "a field has the right type but a value out of range, or 'type' is unknown",
 }
 
-EVENT_TYPES = ("token", "end", "reset", "generate")
+EVENT_TYPES = ("token", "tokens", "end", "reset", "generate")
 FIELD_DOCS: dict[str, str] = {
     "v": "the schema version, 1",
-    "type": "one of 'token', 'end', 'reset', 'generate'",
+    "type": "one of 'token', 'tokens', 'end', 'reset', 'generate'",
     "token": "a string token (looked up in the vocabulary) or an integer token id",
+    "tokens": "an array of 1 to max_chunk_tokens (a worker setting, default "
+    f"{DEFAULT_MAX_CHUNK_TOKENS}) tokens of the key, in order, each a string token (looked up in "
+    "the vocabulary) or an integer token id",
     "ts": "a finite number >= 0 (producer send time, seconds since the epoch) or null",
     "n": f"an integer from 1 to {MAX_GENERATE} (how many tokens to generate)",
     "temperature": "a finite number > 0 (sampling temperature, default 1.0)",
@@ -98,6 +112,17 @@ class TokenEvent(_Strict, tag="token", frozen=True):  # frozen again: for mypy
     """Advance the key's state by one token."""
 
     token: _Token
+    ts: _Ts = None
+    v: _V = 1
+
+
+class TokensEvent(_Strict, tag="tokens", frozen=True):  # frozen again: for mypy
+    """Advance the key's state by several tokens, in order (a chunk: one message, one offset).
+
+    ``ts`` is the producer's send time of the chunk's first token.
+    """
+
+    tokens: Annotated[list[_Token], Meta(min_length=1, description=FIELD_DOCS["tokens"])]
     ts: _Ts = None
     v: _V = 1
 
@@ -141,25 +166,36 @@ class GenerateEvent(_Strict, tag="generate", frozen=True):  # frozen again: for 
 
 
 ControlEvent = EndEvent | ResetEvent | GenerateEvent
-Event = TokenEvent | EndEvent | ResetEvent | GenerateEvent
+Event = TokenEvent | TokensEvent | EndEvent | ResetEvent | GenerateEvent
 EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     tag: ("type", *cls.__struct_fields__)
     for tag, cls in zip(EVENT_TYPES, get_args(Event), strict=True)
 }
 
 PredictionType = Literal[
-    "next", "estimate", "tag", "label", "translation", "generated", "end", "reset"
+    "next",
+    "estimate",
+    "tag",
+    "next_chunk",
+    "estimate_chunk",
+    "tag_chunk",
+    "label",
+    "translation",
+    "generated",
+    "end",
+    "reset",
 ]
 
 
-class TopK(Struct, forbid_unknown_fields=True, frozen=True):
+class TopK(Struct, forbid_unknown_fields=True, frozen=True, gc=False):
     """The k most likely next tokens, most likely first."""
 
     tokens: list[str]
     probs: list[float]
 
 
-class _PredictionBase(Struct, tag_field="type", forbid_unknown_fields=True, kw_only=True):
+# Not kw_only: the stream encoder builds predictions positionally, in bulk (map over columns).
+class _PredictionBase(Struct, tag_field="type", forbid_unknown_fields=True, gc=False):
     """Fields every prediction carries."""
 
     v: _V
@@ -192,6 +228,40 @@ class EstimatePrediction(_PredictionBase, tag="estimate"):
 
     label: str
     probs: dict[str, float]
+
+
+class _ChunkBase(_PredictionBase):
+    """Fields of every prediction for a ``tokens`` chunk."""
+
+    pos: Annotated[int, Meta(ge=0, description="0-based index of the chunk's first token")]
+    pos_to: Annotated[
+        int,
+        Meta(
+            ge=0,
+            description="index of the chunk's last token: the per-token lists have "
+            "pos_to - pos + 1 entries, for positions pos..pos_to in order",
+        ),
+    ]
+
+
+class NextChunkPrediction(_ChunkBase, tag="next_chunk"):
+    """Top-k candidates after each token of a chunk: ``next[i]`` is for position pos + i."""
+
+    next: list[TopK]
+
+
+class EstimateChunkPrediction(_ChunkBase, tag="estimate_chunk"):
+    """Running estimates of the sequence label after each token of a chunk."""
+
+    label: list[str]
+    probs: list[dict[str, float]]
+
+
+class TagChunkPrediction(_ChunkBase, tag="tag_chunk"):
+    """Tags of the tokens of a chunk: ``tag[i]``, ``prob[i]`` for position pos + i."""
+
+    tag: list[str]
+    prob: list[float]
 
 
 class LabelPrediction(_PredictionBase, tag="label"):
@@ -237,6 +307,9 @@ Prediction = (
     | EstimatePrediction
     | LabelPrediction
     | TagPrediction
+    | NextChunkPrediction
+    | EstimateChunkPrediction
+    | TagChunkPrediction
     | TranslationPrediction
     | GeneratedPrediction
     | EndPrediction
@@ -261,6 +334,12 @@ class DeadLetter(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
 # name -> (type, title, description, whether `v` must be added to `required`)
 _SCHEMAS: dict[str, tuple[Any, str, str, bool]] = {
     "token_event": (TokenEvent, "Token event", "One token of a keyed sequence.", True),
+    "tokens_event": (
+        TokensEvent,
+        "Tokens event",
+        "A chunk of tokens of a keyed sequence, applied in order as one message.",
+        True,
+    ),
     "control_event": (ControlEvent, "Control event", "end, reset or generate.", True),
     "prediction": (Prediction, "Prediction", "One output of a stream worker.", False),
     "dead_letter": (DeadLetter, "Dead letter", "A rejected input message.", False),

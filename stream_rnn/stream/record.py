@@ -36,7 +36,14 @@ from kafka.errors import KafkaError
 from stream_rnn.stream.codec import DEFAULT_MAX_BYTES, decode_batch, decode_key
 from stream_rnn.stream.collect import POLL_MS
 from stream_rnn.stream.exceptions import Rejected, StreamError
-from stream_rnn.stream.messages import EndEvent, GenerateEvent, ResetEvent, TokenEvent
+from stream_rnn.stream.messages import (
+    DEFAULT_MAX_CHUNK_TOKENS,
+    EndEvent,
+    GenerateEvent,
+    ResetEvent,
+    TokenEvent,
+    TokensEvent,
+)
 from stream_rnn.train.data import Record, write_records
 from stream_rnn.train.vocab import Token
 
@@ -296,6 +303,7 @@ class Reassembler:
         open_policy: OpenPolicy = "keep",
         max_bytes: int = DEFAULT_MAX_BYTES,
         cut_partitions: Iterable[int] = (),
+        max_tokens: int = DEFAULT_MAX_CHUNK_TOKENS,
     ) -> None:
         if task not in ("next-token", "classify"):
             raise StreamError(f"task {task!r} cannot be recorded; use next-token or classify")
@@ -304,6 +312,7 @@ class Reassembler:
         if min_tokens < 1:
             raise StreamError(f"--min-tokens {min_tokens}: a sequence needs at least 1 token")
         self.max_bytes = max_bytes
+        self.max_tokens = max_tokens  # a `tokens` chunk's limit, as the worker's max_chunk_tokens
         self.cut_partitions = frozenset(cut_partitions)
         self._open: dict[tuple[int, str], _Open] = {}
         self._seen: set[tuple[int, str]] = set()
@@ -316,7 +325,8 @@ class Reassembler:
         # decode_batch turns a None value (a tombstone) into a `Rejected`, like any bad value
         values = cast("list[bytes]", [r.value for r in batch])
         rec.events += len(batch)
-        for msg, event in zip(batch, decode_batch(values, max_bytes=self.max_bytes), strict=True):
+        decoded = decode_batch(values, max_bytes=self.max_bytes, max_tokens=self.max_tokens)
+        for msg, event in zip(batch, decoded, strict=True):
             if isinstance(event, Rejected):
                 self._malformed(msg, event)
                 continue
@@ -329,13 +339,16 @@ class Reassembler:
             first_seen = where not in self._seen
             if first_seen:
                 self._seen.add(where)
-            if isinstance(event, TokenEvent):
+            if isinstance(event, TokenEvent | TokensEvent):
                 seq = self._open.get(where)
                 if seq is None:
                     cut = first_seen and msg.partition in self.cut_partitions
                     start = (msg.timestamp, msg.partition, msg.offset)
                     seq = self._open[where] = _Open(start, [], cut)
-                seq.tokens.append(event.token)
+                if isinstance(event, TokensEvent):  # a chunk: its tokens, in order
+                    seq.tokens.extend(event.tokens)
+                else:
+                    seq.tokens.append(event.token)
             elif isinstance(event, EndEvent):
                 # an `end` may carry the sequence's label (messages.EndEvent)
                 label = event.label
@@ -384,6 +397,7 @@ def reassemble(
     open_policy: OpenPolicy = "keep",
     max_bytes: int = DEFAULT_MAX_BYTES,
     cut_partitions: Iterable[int] = (),
+    max_tokens: int = DEFAULT_MAX_CHUNK_TOKENS,
 ) -> Recording:
     """`Reassembler` over ``records`` in one go (each partition's records in offset order)."""
     machine = Reassembler(
@@ -392,6 +406,7 @@ def reassemble(
         open_policy=open_policy,
         max_bytes=max_bytes,
         cut_partitions=cut_partitions,
+        max_tokens=max_tokens,
     )
     machine.feed(list(records))
     return machine.finish()
@@ -451,6 +466,7 @@ def record_topic(
     min_tokens: int = 1,
     open_policy: OpenPolicy = "keep",
     max_bytes: int = DEFAULT_MAX_BYTES,
+    max_tokens: int = DEFAULT_MAX_CHUNK_TOKENS,
     progress: Progress | None = None,
     connect_timeout_s: float = CONNECT_TIMEOUT_S,
     stall_timeout_s: float = STALL_TIMEOUT_S,
@@ -466,7 +482,11 @@ def record_topic(
     window = window or Window()
     # Built first so that bad options fail before any connection is made.
     machine = Reassembler(
-        task=task, min_tokens=min_tokens, open_policy=open_policy, max_bytes=max_bytes
+        task=task,
+        min_tokens=min_tokens,
+        open_policy=open_policy,
+        max_bytes=max_bytes,
+        max_tokens=max_tokens,
     )
     consumer = open_consumer(
         bootstrap, client_id="stream-rnn-record", connect_timeout_s=connect_timeout_s

@@ -64,7 +64,7 @@ from stream_rnn.registry.updates import VerifiedUpdate, load_update_key
 from stream_rnn.registry.versions import Registry
 from stream_rnn.stream import faust_boundary as fb
 from stream_rnn.stream.adapter import Adapter, CountingSensor, Outputs, RawRecord
-from stream_rnn.stream.batches import take_batches
+from stream_rnn.stream.batches import consume_batches
 from stream_rnn.stream.commit import (
     EXIT_SOFTWARE,
     EXIT_TEMPFAIL,
@@ -116,6 +116,7 @@ class WorkerOptions:
     max_batch: int = 1024
     max_wait_s: float = 0.05
     max_message_bytes: int = 4096
+    max_chunk_tokens: int = 256
     unknown_token: Literal["unk", "reject"] = "unk"  # noqa: S105 - a policy, not a secret
     capacity: int = 100_000
     ttl_s: float | None = None
@@ -206,6 +207,7 @@ class StreamWorker:
             self.engine.vocab,
             unknown=opts.unknown_token,
             max_bytes=opts.max_message_bytes,
+            max_tokens=opts.max_chunk_tokens,
             sensor=self.sensor,
         )
         self.exactly_once = opts.guarantee == "exactly-once"
@@ -789,7 +791,12 @@ def build_app(opts: WorkerOptions, worker: StreamWorker | None = None) -> faust.
 
     worker.commit_offsets = commit_offsets
     if opts.web_port is not None:
-        app.web_server(StatusServer(worker.status, port=opts.web_port))
+
+        def status() -> dict[str, Any]:
+            stats = fb.bulk_stats(app)
+            return {**worker.status(), "consume": stats.as_dict() if stats else None}
+
+        app.web_server(StatusServer(status, port=opts.web_port))
     topic = app.topic(
         opts.tokens_topic,
         key_type=bytes,
@@ -798,17 +805,24 @@ def build_app(opts: WorkerOptions, worker: StreamWorker | None = None) -> faust.
         value_serializer="raw",
         acks=False,  # offsets are committed by commit_point, see the module docstring
     )
+    # Fetched record batches of the tokens topic go to the agent's queue in bulk, not through
+    # faust's per-message wait_first (flow control and rebalances kept: see faust_boundary).
+    fb.use_bulk_consumer(app, [opts.tokens_topic])
 
     @app.agent(topic, name="tokens")
     async def process_tokens(stream: StreamT[bytes]) -> None:
         await worker.start_clients()
         # Micro-batches taken from the agent's channel queue in bulk (see stream/batches.py):
-        # nothing is acked (acks are off for the topic); offsets are committed at commit_point.
-        async for events in take_batches(fb.channel_queue(stream), opts.max_batch, opts.max_wait_s):
-            if worker.stopping:
-                return
-            await worker.handle(events)
-            await worker.commit_point()
+        # nothing is acked (acks are off for the topic); offsets are committed at commit_point,
+        # started in the background after each batch so that a commit never holds up the next.
+        await consume_batches(
+            fb.channel_queue(stream),
+            opts.max_batch,
+            opts.max_wait_s,
+            worker.handle,
+            worker.commit_point,
+            stopping=lambda: worker.stopping,
+        )
 
     @app.on_partitions_assigned.connect
     async def on_assigned(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:

@@ -19,10 +19,10 @@ from stream_rnn.stream.adapter import (
     Adapter,
     CountingSensor,
     RawRecord,
-    finalise,
 )
 from stream_rnn.stream.codec import decode_dead_letter, decode_prediction
 from stream_rnn.stream.collect import to_lines
+from stream_rnn.stream.encoder import finalise
 from stream_rnn.train.data import Record
 from stream_rnn.train.vocab import Vocab
 
@@ -251,3 +251,169 @@ def test_greedy_ignores_the_temperature_floor() -> None:
 def test_unknown_policy_is_checked() -> None:
     with pytest.raises(ValueError, match="'drop'"):
         Adapter(VOCAB, unknown="drop")  # type: ignore[arg-type]
+
+
+def test_chunks_become_one_engine_event_each() -> None:
+    batch = Adapter(VOCAB).decode(
+        [
+            _rec(b'{"v":1,"type":"tokens","tokens":["a","b",6,"zz"],"ts":5}', offset=20),
+            _rec(b'{"v":1,"type":"tokens","tokens":[4]}', b"k2", offset=21),
+        ]
+    )
+    assert batch.dead_letters == []
+    got = [(e.key, e.kind, e.token, e.tokens, e.id, e.ts, e.offset) for e in batch.events]
+    assert got == [
+        ("k1", TOKEN, -1, [4, 5, 6, VOCAB.unk_id], "2:20", 5.0, 20),  # unknown -> <unk>
+        ("k2", TOKEN, -1, [4], "2:21", None, 21),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "reason", "detail"),
+    [
+        (b'{"v":1,"type":"tokens","tokens":["a","b","zz"]}', "unknown_token", "token 2 of the chunk: token 'zz'"),
+        (b'{"v":1,"type":"tokens","tokens":["a",7]}', "token_out_of_range", "token 1 of the chunk: token id 7"),
+        (b'{"v":1,"type":"tokens","tokens":[0]}', "token_out_of_range", "token 0 of the chunk: token id 0 is <pad>"),
+        (b'{"v":1,"type":"tokens","tokens":["a",false]}', "wrong_type", "token 1 of 'tokens'"),
+        (b'{"v":1,"type":"tokens","tokens":[]}', "bad_value", "'tokens' is empty"),
+        (b'{"v":1,"type":"tokens","tokens":["a","a","a","a","a"]}', "oversized", "holds 5 tokens, over this worker's limit of 4"),
+        (b'{"v":1,"type":"tokens","tokens":["' + b"a" * 60 + b'"]}', "oversized", "bytes, over this worker's limit of 64"),
+    ],
+)  # fmt: skip
+def test_a_bad_chunk_is_dead_lettered_whole(value: bytes, reason: str, detail: str) -> None:
+    engine = _engine()
+    adapter = Adapter(VOCAB, unknown="reject", max_bytes=64, max_tokens=4, clock=FakeClock())
+    good = b'{"v":1,"type":"tokens","tokens":["a","b"]}'
+    out = adapter.process(
+        [_rec(good, offset=1), _rec(value, offset=2), _rec(good, offset=3)], engine
+    )
+    [letter] = _letters(out.dead_letters)
+    assert (letter["reason"], letter["offset"], letter["value"]) == (reason, 2, value)
+    assert detail in letter["detail"], letter["detail"]
+    # nothing of the bad chunk reached the key's state: the good chunks are positions 0..3
+    preds = [decode_prediction(v) for _, v in out.predictions]
+    assert [(p["id"], p["pos"], p["pos_to"]) for p in preds] == [("2:1", 0, 1), ("2:3", 2, 3)]
+    assert out.tokens == 4
+
+
+def test_chunk_predictions_on_the_wire() -> None:
+    clock = FakeClock(1_700_000_003.0)
+    sensor = CountingSensor()
+    adapter = Adapter(VOCAB, clock=clock, sensor=sensor)
+    out = adapter.process(
+        [
+            _rec(b'{"v":1,"type":"token","token":"a","ts":1700000002.0}', b"u", 5, part=1),
+            _rec(b'{"v":1,"type":"tokens","tokens":["b","c","a"],"ts":1700000002.5}', b"u", 6, 1),
+            _rec(b'{"v":1,"type":"tokens","tokens":["c"]}', b"w", 2, part=3),
+            _rec(b'{"v":1,"type":"end"}', b"u", 7, part=1),
+        ],
+        _engine(),
+    )
+    preds = [decode_prediction(value) for _, value in out.predictions]  # validates the schema
+    assert [(p["type"], p["id"], p["pos"], p.get("pos_to")) for p in preds] == [
+        ("next", "1:5", 0, None),
+        ("next_chunk", "1:6", 1, 3),
+        ("next_chunk", "3:2", 0, 0),
+        ("end", "1:7", None, None),
+    ]
+    assert [len(p["next"]) for p in preds[1:3]] == [3, 1]
+    assert [p["latency_s"] for p in preds] == [1.0, 0.5, None, None]
+    assert preds[3]["n_tokens"] == 4 and out.prediction_parts == [1, 1, 3, 1]
+    assert [k for k, _ in out.predictions] == [b"u", b"u", b"w", b"u"]
+    assert (sensor.events, sensor.tokens, sensor.predictions) == (4, 5, 4)
+
+
+@pytest.mark.parametrize("task", ["next-token", "tag", "classify"])
+def test_the_columnar_encoder_writes_what_the_prediction_dicts_say(task: str) -> None:
+    from stream_rnn.stream.codec import encode_prediction
+    from stream_rnn.stream.encoder import PredictionEncoder
+
+    labels = None if task == "next-token" else ["x", "y", "z"]
+    torch.manual_seed(3)
+    cfg = ModelConfig(task=task, cell="gru", vocab_size=len(VOCAB), embed_dim=4, hidden_size=6,
+                      num_labels=len(labels) if labels else 0)  # fmt: skip
+    manifest = Manifest(model_config=cfg.to_dict(), vocab=VOCAB.to_dict(), weights_sha256="0" * 64,
+                        version="m", labels=labels)  # fmt: skip
+    rng = random.Random(2)
+    for chunks in (False, True):
+        engine = Engine(RecurrentModel(cfg).eval(), manifest, running_estimate=True)
+        events = []
+        for i in range(40):
+            key, ts = f"k{rng.randrange(6)}", rng.choice([None, 1_700_000_000.25])
+            if chunks and rng.random() < 0.6:
+                ids = [rng.randrange(4, 7) for _ in range(rng.randint(1, 5))]
+                events.append(Event(key, TOKEN, -1, f"{i % 3}:{i}", ts, None, i % 3, i, ids))
+            else:
+                events.append(
+                    Event(key, TOKEN, rng.randrange(4, 7), f"{i % 3}:{i}", ts, None, i % 3, i)
+                )
+        events.insert(20, Event("k0", END, id="0:99", partition=0, offset=99))
+        result = engine.process(events)
+        keys, values, parts = PredictionEncoder().encode(result, 1_700_000_001.0)
+        want = [encode_prediction(finalise(dict(p), 1_700_000_001.0)) for p in result.predictions]
+        assert [decode_prediction(v) for v in values] == [decode_prediction(v) for v in want]
+        assert keys == [p["key"].encode() for p in result.predictions]
+        assert parts == [int(p["id"].split(":")[0]) for p in result.predictions]
+
+
+def test_chunked_and_per_token_streams_collect_to_the_same_lines() -> None:
+    rng = random.Random(8)
+    records = [
+        Record(f"key-{i}", tokens=[rng.choice("abc") for _ in range(rng.randint(1, 12))])
+        for i in range(10)
+    ]
+
+    def stream(chunked: bool) -> list[dict[str, Any]]:
+        engine, adapter = _engine(), Adapter(VOCAB)
+        queues = {r.key: list(r.tokens or []) for r in records}
+        raws: list[RawRecord] = []
+        while queues:
+            key = rng.choice(sorted(queues))
+            n = rng.randint(1, 4) if chunked else 1
+            piece, queues[key] = queues[key][:n], queues[key][n:]
+            if chunked and (n > 1 or rng.random() < 0.5):
+                ev: dict[str, Any] = {"v": 1, "type": "tokens", "tokens": piece}
+            else:
+                ev = {"v": 1, "type": "token", "token": piece[0]}
+            raws.append(RawRecord(key.encode(), orjson.dumps(ev), "t", 0, len(raws)))
+            if not queues[key]:
+                del queues[key]
+                raws.append(RawRecord(key.encode(), b'{"v":1,"type":"end"}', "t", 0, len(raws)))
+        preds: list[dict[str, Any]] = []
+        for start in range(0, len(raws), 5):
+            out = adapter.process(raws[start : start + 5], engine)
+            preds += [decode_prediction(v) for _, v in out.predictions]
+        return to_lines(preds)
+
+    per_token, chunked = stream(False), stream(True)
+    assert [(line["key"], len(line["next"])) for line in chunked] == [
+        (line["key"], len(line["next"])) for line in per_token
+    ]
+    for a, b in zip(chunked, per_token, strict=True):
+        for x, y in zip(a["next"], b["next"], strict=True):
+            assert x["probs"] == pytest.approx(y["probs"], abs=1e-6)
+
+
+def test_collections_wait_while_a_batch_is_processed() -> None:
+    import gc
+
+    class Probe:
+        seen: list[bool] = []
+
+        def process(self, events: list[Event]) -> BatchResult:
+            self.seen.append(gc.isenabled())
+            if len(self.seen) == 2:
+                raise RuntimeError("engine fault")
+            return BatchResult()
+
+    probe, adapter = Probe(), Adapter(VOCAB)
+    adapter.process([], probe)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="engine fault"):
+        adapter.process([], probe)  # type: ignore[arg-type]
+    assert probe.seen == [False, False] and gc.isenabled()  # back on, even after a fault
+    gc.disable()  # an application that runs without automatic collection keeps it off
+    try:
+        adapter.process([], probe)  # type: ignore[arg-type]
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

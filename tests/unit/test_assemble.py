@@ -5,7 +5,10 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import pytest
+
 from stream_rnn.engine.assemble import assemble
+from stream_rnn.engine.exceptions import EngineError
 from stream_rnn.stream.collect import to_lines
 
 
@@ -144,3 +147,66 @@ def test_collected_lines_are_sorted_by_key_then_sequence() -> None:
         ("a", ["second"]),
         ("b", ["x"]),
     ]
+
+
+def test_chunk_predictions_expand_into_the_per_token_ones() -> None:
+    from stream_rnn.engine.assemble import expand_chunk
+
+    chunk = {
+        **_control("k", "0:7", "next_chunk", seq=2),
+        "pos": 3,
+        "pos_to": 4,
+        "next": [{"tokens": ["a"], "probs": [0.5]}, {"tokens": ["b"], "probs": [0.25]}],
+        "latency_s": 0.1,
+    }
+    rows = list(expand_chunk(chunk))
+    assert rows == [
+        {**_next("k", "0:7", 3, "a", seq=2), "latency_s": 0.1, "next": {"tokens": ["a"], "probs": [0.5]}},
+        {**_next("k", "0:7", 4, "b", seq=2), "latency_s": 0.1, "next": {"tokens": ["b"], "probs": [0.25]}},
+    ]  # fmt: skip
+    estimate = {**_control("k", "0:8", "estimate_chunk"), "pos": 0, "pos_to": 1,
+                "label": ["x", "y"], "probs": [{"x": 0.6, "y": 0.4}, {"x": 0.3, "y": 0.7}]}  # fmt: skip
+    assert [(p["type"], p["pos"], p["label"], p["probs"]["y"]) for p in expand_chunk(estimate)] == [
+        ("estimate", 0, "x", 0.4),
+        ("estimate", 1, "y", 0.7),
+    ]
+    with pytest.raises(EngineError, match=r"covers positions 3..4 but carries \[1\] entries"):
+        list(expand_chunk({**chunk, "next": chunk["next"][:1]}))
+
+
+def _chunk(key: str, ident: str, pos: int, tokens: str, seq: int = 0) -> dict[str, Any]:
+    return {
+        **_control(key, ident, "next_chunk", seq=seq),
+        "pos": pos,
+        "pos_to": pos + len(tokens) - 1,
+        "next": [{"tokens": [t], "probs": [1.0]} for t in tokens],
+    }
+
+
+def test_chunked_predictions_assemble_like_per_token_ones() -> None:
+    per_token = [
+        _next("k", "0:1", 0, "a"),
+        _next("k", "0:2", 1, "b"),
+        _next("k", "0:3", 2, "c"),
+        _control("k", "0:4", "end", n_tokens=3),
+        _next("k", "0:5", 0, "d"),
+        _next("j", "1:0", 0, "x"),
+        _next("j", "1:1", 1, "y"),
+    ]
+    chunked = [
+        _chunk("k", "0:1", 0, "ab"),
+        _next("k", "0:2", 2, "c"),
+        _control("k", "0:3", "end", n_tokens=3),
+        _chunk("k", "0:4", 0, "d"),
+        _chunk("j", "1:0", 0, "xy"),
+        _chunk("j", "1:0", 0, "xy"),  # a duplicate (at-least-once): dropped by (id, type)
+    ]
+    random.Random(5).shuffle(chunked)
+    assert to_lines(chunked) == to_lines(per_token)
+    assert _tokens(assemble(chunked, "next-token")) == {
+        ("k", 0): ["a", "b", "c"], ("k", 1): ["d"], ("j", 0): ["x", "y"],
+    }  # fmt: skip
+    tags = [{**_control("k", "0:0", "tag_chunk"), "pos": 0, "pos_to": 2,
+             "tag": ["N", "V", "N"], "prob": [0.5, 0.25, 0.125]}]  # fmt: skip
+    (line,) = assemble(tags, "tag").values()
+    assert line["tags"] == ["N", "V", "N"] and line["tag_probs"] == [0.5, 0.25, 0.125]

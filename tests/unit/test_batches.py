@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from mode.utils.queues import FlowControlEvent, ThrowableQueue
 
-from stream_rnn.stream.batches import take_batches
+from stream_rnn.stream.batches import consume_batches, take_batches
 
 
 async def _collect(queue: asyncio.Queue[int], n: int, max_batch: int, wait: float) -> list:
@@ -124,3 +124,104 @@ def test_bad_limits_are_refused(max_batch: int, wait: float) -> None:
 
     with pytest.raises(ValueError, match="must be"):
         asyncio.run(main())
+
+
+def test_items_queued_while_the_caller_was_busy_come_at_once() -> None:
+    # A batch closes max_wait after its first item became available: items that arrived while
+    # the caller handled the previous batch (longer than max_wait) do not wait another max_wait.
+    async def main() -> tuple[list[int], float]:
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        it = take_batches(queue, 100, 0.2)
+        queue.put_nowait(0)
+        await anext(it)  # opens and closes after 0.2 s: nothing else came
+        queue.put_nowait(1)
+        await asyncio.sleep(0.3)  # the caller is busy; 1 waits in the queue meanwhile
+        started = loop.time()
+        second = await anext(it)
+        return second, loop.time() - started
+
+    second, elapsed = asyncio.run(main())
+    assert second == [1]
+    assert elapsed < 0.1
+
+
+def test_a_faust_channel_closed_while_a_batch_fills_yields_it_then_ends() -> None:
+    async def main() -> list[list[int]]:
+        flow = FlowControlEvent(initially_suspended=False)
+        queue: ThrowableQueue[int] = ThrowableQueue(flow_control=flow)
+        queue.put_nowait(1)
+        queue.put_nowait(2)
+
+        async def close_soon() -> None:
+            await asyncio.sleep(0.01)
+            await queue.throw(StopAsyncIteration())
+
+        closer = asyncio.create_task(close_soon())
+        got = [batch async for batch in take_batches(queue, 10, 0.5)]
+        await closer
+        return got
+
+    assert asyncio.run(main()) == [[1, 2]]
+
+
+def test_a_commit_under_way_never_holds_up_the_next_batches() -> None:
+    async def main() -> tuple[list[list[int]], list[str]]:
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        handled: list[list[int]] = []
+        log: list[str] = []
+        release = asyncio.Event()
+
+        async def handle(batch: list[int]) -> None:
+            handled.append(batch)
+            log.append(f"batch {batch[0]}")
+            if batch[0] == 2:
+                release.set()  # batch 2 was handled while the first commit still ran
+
+        async def commit() -> None:
+            log.append("commit start")
+            await release.wait()
+            log.append("commit end")
+
+        async def feed() -> None:
+            for i in range(3):
+                queue.put_nowait(i)
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.05)
+            queue.put_nowait(3)
+
+        feeder = asyncio.create_task(feed())
+        loop = asyncio.create_task(
+            consume_batches(queue, 1, 0.0, handle, commit, stopping=lambda: len(handled) >= 4)
+        )
+        await asyncio.wait_for(feeder, 5)
+        queue.put_nowait(4)  # the batch that finds stopping() true
+        await asyncio.wait_for(loop, 5)
+        return handled, log
+
+    handled, log = asyncio.run(main())
+    assert handled == [[0], [1], [2], [3]]
+    # one commit at a time; batches 1 and 2 went on while the first commit waited
+    assert log[:4] == ["batch 0", "commit start", "batch 1", "batch 2"]
+    assert log.count("commit start") == 2 and log.index("commit end") < log.index("batch 3")
+
+
+def test_a_failed_commit_surfaces_after_the_next_batch() -> None:
+    async def main() -> list[int]:
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        handled: list[int] = []
+
+        async def handle(batch: list[int]) -> None:
+            handled.extend(batch)
+            await asyncio.sleep(0)  # a real batch awaits (the engine, the producer)
+
+        async def commit() -> None:
+            raise RuntimeError("broker gone")
+
+        for i in range(5):
+            queue.put_nowait(i)
+        with pytest.raises(RuntimeError, match="broker gone"):
+            await asyncio.wait_for(consume_batches(queue, 1, 0.0, handle, commit), 5)
+        return handled
+
+    assert asyncio.run(main()) == [0, 1]

@@ -21,6 +21,7 @@ from stream_rnn.stream.codec import (
     encode_event,
     encode_prediction,
     resolve_token,
+    resolve_tokens,
 )
 from stream_rnn.stream.exceptions import MalformedMessage, Rejected
 from stream_rnn.stream.messages import (
@@ -29,6 +30,7 @@ from stream_rnn.stream.messages import (
     GenerateEvent,
     ResetEvent,
     TokenEvent,
+    TokensEvent,
 )
 from stream_rnn.train.vocab import Vocab
 
@@ -48,6 +50,9 @@ VALID = [
         GenerateEvent(1000, 0.7, 5, True, 2**63 - 1, 1.5),
     ),
     (b'{"v":1,"type":"generate","n":3,"temperature":2,"seed":null}', GenerateEvent(3, 2.0)),
+    (b'{"v":1,"type":"tokens","tokens":["h","e",17],"ts":1.5}', TokensEvent(["h", "e", 17], 1.5)),
+    (b'{"tokens":[""],"type":"tokens","v":1}', TokensEvent([""])),
+    (b'{"v":1,"type":"tokens","tokens":[' + b'"a",' * 255 + b'"b"]}', TokensEvent(["a"] * 255 + ["b"])),
 ]  # fmt: skip
 
 # (value, reason, a piece of the detail that tells the producer what to fix)
@@ -102,6 +107,18 @@ INVALID: list[tuple[bytes | None, str, str]] = [
     (b'{"v":1,"type":"token","token":"a","ts":' + b"9" * 400 + b"}", "bad_value", "'ts'"),
     (b'{"v":1,"type":"token","token":"' + b"x" * 5000 + b'"}', "oversized", "over this worker's limit of 4096"),
     (b"\xff" * (DEFAULT_MAX_BYTES + 1), "oversized", "4097 bytes"),
+    # chunks: a bad token rejects the whole chunk, and the detail names its index
+    (b'{"v":1,"type":"tokens","tokens":["a",true]}', "wrong_type", "token 1 of 'tokens' must be a string token"),
+    (b'{"v":1,"type":"tokens","tokens":["a","b",1.5]}', "wrong_type", "token 2 of 'tokens' must be a string token (looked up in the vocabulary) or an integer token id, got number 1.5 (a number with a fraction"),
+    (b'{"v":1,"type":"tokens","tokens":[null]}', "wrong_type", "token 0 of 'tokens' must be a string token (looked up in the vocabulary) or an integer token id, got null;"),
+    (b'{"v":1,"type":"tokens","tokens":[["a"]]}', "wrong_type", "token 0 of 'tokens'"),
+    (b'{"v":1,"type":"tokens","tokens":[1,1e999]}', "bad_value", "token 1 of 'tokens' is out of range (got a number beyond the double range)"),
+    (b'{"v":1,"type":"tokens","tokens":"hello"}', "wrong_type", "'tokens' must be an array of 1 to max_chunk_tokens"),
+    (b'{"v":1,"type":"tokens","tokens":[]}', "bad_value", "'tokens' is empty"),
+    (b'{"v":1,"type":"tokens"}', "missing_field", "field 'tokens' is missing"),
+    (b'{"v":1,"type":"tokens","tokens":["a"],"token":"b"}', "extra_field", "allowed: ['type', 'tokens', 'ts', 'v']"),
+    (b'{"type":"tokens","tokens":["a"]}', "missing_field", 'add "v": 1'),
+    (b'{"v":1,"type":"tokens","tokens":[' + b'"a",' * 256 + b'"b"]}', "oversized", "holds 257 tokens, over this worker's limit of 256"),
 ]  # fmt: skip
 
 
@@ -314,3 +331,61 @@ def test_end_may_carry_the_sequences_label() -> None:
     event = decode_event(b'{"v":1,"type":"end","label":"en"}')
     assert isinstance(event, EndEvent) and event.label == "en"
     assert decode_event(b'{"v":1,"type":"end"}') == EndEvent()
+
+
+def test_the_chunk_limit_is_the_workers() -> None:
+    value = b'{"v":1,"type":"tokens","tokens":["a","b","c"]}'
+    assert decode_event(value, max_tokens=3) == TokensEvent(["a", "b", "c"])
+    with pytest.raises(Rejected, match="oversized") as info:
+        decode_event(value, max_tokens=2)
+    assert "STREAM_RNN_MAX_CHUNK_TOKENS" in info.value.detail
+    batch = decode_batch([value, value.replace(b',"c"', b"")], max_tokens=2)
+    assert isinstance(batch[0], Rejected) and batch[0].reason == "oversized"
+    assert batch[1] == TokensEvent(["a", "b"])
+
+
+def test_encode_event_checks_chunks_like_the_worker() -> None:
+    data = encode_event({"type": "tokens", "tokens": ["a", 5], "ts": 2.0})
+    assert orjson.loads(data) == {"type": "tokens", "tokens": ["a", 5], "ts": 2.0, "v": 1}
+    with pytest.raises(Rejected, match="oversized"):
+        encode_event(TokensEvent(["a"] * 300))
+    data = encode_event(TokensEvent(["a"] * 300), max_tokens=300)
+    assert decode_event(data, max_tokens=300) == TokensEvent(["a"] * 300)
+    for bad, reason in [([], "bad_value"), (["a", True], "wrong_type"), (["\ud800"], "not_json")]:
+        with pytest.raises(Rejected) as info:
+            encode_event(TokensEvent(bad))  # type: ignore[arg-type]
+        assert info.value.reason == reason
+
+
+def test_resolve_tokens_names_the_bad_tokens_index() -> None:
+    vocab = _vocab()  # a=4 b=5 c=6, 7 ids
+    assert resolve_tokens(["a", "b", "c"], vocab) == [4, 5, 6]
+    assert resolve_tokens([4, 6, 1], vocab) == [4, 6, 1]
+    assert resolve_tokens(["a", 5, "zz", "<eos>"], vocab) == [4, 5, vocab.unk_id, 3]
+    cases = [
+        (["a", "zz"], "unknown_token", "token 1 of the chunk: token 'zz' is not in"),
+        (["a", "b", 7], "token_out_of_range", "token 2 of the chunk: token id 7 is outside"),
+        ([0, "a"], "token_out_of_range", "token 0 of the chunk: token id 0 is <pad>"),
+        (["<pad>"], "token_out_of_range", "token 0 of the chunk: token id 0 is <pad>"),
+        ([4, -1], "token_out_of_range", "token 1 of the chunk: token id -1"),
+    ]
+    for tokens, reason, detail in cases:
+        with pytest.raises(Rejected) as info:
+            resolve_tokens(tokens, vocab, unknown="reject")
+        assert (info.value.reason, info.value.detail[: len(detail)]) == (reason, detail)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(["a", "b", "c", "zz", "<pad>", "<eos>"]), st.integers(-2, 9)), min_size=1, max_size=12))  # fmt: skip
+def test_resolve_tokens_equals_resolve_token_per_token(tokens: list[str | int]) -> None:
+    vocab = _vocab()
+    for unknown in ("unk", "reject"):
+        try:
+            want: list[int] | str = [resolve_token(t, vocab, unknown=unknown) for t in tokens]  # type: ignore[arg-type]
+        except Rejected as err:
+            want = err.reason
+        try:
+            got: list[int] | str = resolve_tokens(tokens, vocab, unknown=unknown)  # type: ignore[arg-type]
+        except Rejected as err:
+            got = err.reason
+        assert got == want

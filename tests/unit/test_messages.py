@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from stream_rnn.stream.codec import decode_event, encode_dead_letter, encode_prediction
 from stream_rnn.stream.exceptions import MalformedMessage, Rejected, StreamError
 from stream_rnn.stream.messages import (
+    CHUNK_TYPES,
     EVENT_FIELDS,
     EVENT_TYPES,
     REASONS,
@@ -22,6 +23,7 @@ from stream_rnn.stream.messages import (
     EndEvent,
     Event,
     GenerateEvent,
+    Prediction,
     Reason,
     ResetEvent,
     TokenEvent,
@@ -46,7 +48,12 @@ PREDICTIONS: list[dict[str, Any]] = [
     {**COMMON, "pos": None, "type": "generated", "tokens": ["x", "y"], "text": "xy"},
     {**COMMON, "pos": None, "type": "end", "n_tokens": 12},
     {**COMMON, "pos": None, "seq": 3, "type": "reset"},
-]
+    {**COMMON, "pos": 4, "pos_to": 5, "type": "next_chunk",
+     "next": [{"tokens": ["a", "b"], "probs": [0.7, 0.2]}, {"tokens": ["b", "a"], "probs": [0.6, 0.3]}]},
+    {**COMMON, "pos": 0, "pos_to": 1, "type": "estimate_chunk", "label": ["en", "fr"],
+     "probs": [{"en": 0.9, "fr": 0.1}, {"en": 0.4, "fr": 0.6}]},
+    {**COMMON, "pos": 7, "pos_to": 7, "type": "tag_chunk", "tag": ["NOUN"], "prob": [0.5]},
+]  # fmt: skip
 for _p in PREDICTIONS:
     _p.update(latency_s=0.004, ts=1_700_000_000.5)
 
@@ -66,6 +73,7 @@ def test_reason_codes_are_all_documented() -> None:
 def test_event_fields_match_the_structs() -> None:
     assert tuple(EVENT_FIELDS) == EVENT_TYPES
     assert EVENT_FIELDS["token"] == ("type", "token", "ts", "v")
+    assert EVENT_FIELDS["tokens"] == ("type", "tokens", "ts", "v")
     assert EVENT_FIELDS["generate"][1:] == GenerateEvent.__struct_fields__
 
 
@@ -109,6 +117,12 @@ def test_event_schemas_require_the_version() -> None:
     assert not token.is_valid({"v": 2, "type": "token", "token": "a"})
     assert not token.is_valid({"v": 1, "type": "token", "token": True})
     assert not token.is_valid({"v": 1, "type": "token", "token": "a", "x": 0})
+    tokens = _validator("tokens_event")
+    assert tokens.is_valid({"v": 1, "type": "tokens", "tokens": ["h", 17], "ts": 1.5})
+    assert not tokens.is_valid({"v": 1, "type": "tokens", "tokens": []})
+    assert not tokens.is_valid({"v": 1, "type": "tokens", "tokens": ["a", True]})
+    assert not tokens.is_valid({"v": 1, "type": "tokens", "tokens": "ab"})
+    assert not tokens.is_valid({"type": "tokens", "tokens": ["a"]})
     control = _validator("control_event")
     assert control.is_valid({"v": 1, "type": "generate", "n": 3, "seed": None})
     assert control.is_valid({"v": 1, "type": "end"})
@@ -155,6 +169,7 @@ _values = st.one_of(
     st.text(max_size=5),
     st.sampled_from(EVENT_TYPES + ("tok",)),
     st.lists(st.integers(), max_size=2),
+    st.lists(st.one_of(st.text(max_size=2), st.integers(), st.booleans()), max_size=3),
 )
 _plausible = st.sampled_from([None, 0, 1, 3, 1000, 0.5, 1.7e9 + 0.25, "a", "é"])
 # Half plausible, half anything: about a fifth of the events drawn below stay valid.
@@ -171,13 +186,28 @@ def test_codec_and_json_schemas_accept_the_same_events(
         [f for f in EVENT_FIELDS[typ] if f not in ("type", "v")] * 4 + ["v", "x"]
     )
     fields = data.draw(st.dictionaries(names, _value, max_size=2))
-    bases: dict[str, dict[str, Any]] = {"token": {"token": "a"}, "generate": {"n": 3}}
+    bases: dict[str, dict[str, Any]] = {
+        "token": {"token": "a"},
+        "tokens": {"tokens": ["a", 5]},
+        "generate": {"n": 3},
+    }
     base = bases.get(typ, {})
     obj: dict[str, Any] = {"type": typ, **({"v": 1} if with_version else {}), **base, **fields}
-    schema = "token_event" if typ == "token" else "control_event"
+    schema = {"token": "token_event", "tokens": "tokens_event"}.get(typ, "control_event")
     try:
         # json, not orjson: orjson cannot write the integers past 64 bits drawn here
         event: Event | None = decode_event(json.dumps(obj).encode())
     except Rejected:
         event = None
     assert (event is not None) == _validator(schema).is_valid(obj), obj
+
+
+def test_chunk_predictions_carry_the_per_token_fields_as_lists() -> None:
+    by_tag = {cls.__struct_config__.tag: cls for cls in get_args(Prediction)}
+    base = set(by_tag["reset"].__struct_fields__)
+    for chunk, (kind, fields) in CHUNK_TYPES.items():
+        assert set(by_tag[kind].__struct_fields__) - base == set(fields)
+        assert set(by_tag[chunk].__struct_fields__) - base == {*fields, "pos_to"}
+    schema = load_schema("prediction")["$defs"]
+    assert schema["NextChunkPrediction"]["properties"]["next"]["type"] == "array"
+    assert schema["TagChunkPrediction"]["properties"]["pos"]["minimum"] == 0

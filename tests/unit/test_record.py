@@ -446,3 +446,13 @@ def test_a_missing_topic_and_a_stalled_read_are_clear_errors(
     with pytest.raises(StreamError, match="partition 0 of 't' made no progress for 0s at offset 0"):
         _record(monkeypatch, stuck, stall_timeout_s=0.2)
     assert stuck.closed
+
+
+def test_chunks_are_recorded_as_their_tokens_in_order() -> None:
+    log = Log().tokens("k", "ab").event("k", type="tokens", tokens=["c", 7, "d"])
+    log.event("j", type="tokens", tokens=["x"]).tokens("k", "e").end("k").end("j")
+    log.raw(b"k", encode_event({"type": "tokens", "tokens": ["z"] * 300}, max_tokens=300))
+    rec = reassemble(log.records)
+    assert _seqs(rec) == [("k", ["a", "b", "c", 7, "d", "e"], None), ("j", ["x"], None)]
+    assert rec.malformed == {"oversized": 1}  # over the workers' default max_chunk_tokens
+    assert not reassemble(log.records, max_tokens=300).malformed
