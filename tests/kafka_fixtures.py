@@ -28,7 +28,8 @@ from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import KafkaError
 from stream_harness import StreamTopics, StreamTopicsFactory, WorkerFactory, WorkerProcess
 
-from stream_rnn.ops.kafka_local import LocalKafka, find_free_port
+from stream_rnn.ops.kafka_local import LocalKafka
+from stream_rnn.ops.processes import find_free_port
 
 TOPIC_READY_TIMEOUT_S = 15.0
 

@@ -1,19 +1,16 @@
 """Helpers of the end-to-end stream tests: tiny models, worker processes, result comparison.
 
 Workers run as real processes (``python -m stream_rnn worker``) against the session broker;
-`WorkerProcess` polls their status endpoint and stops them (SIGTERM, then SIGKILL). The fixtures
-``stream_topics`` and ``worker_factory`` in ``kafka_fixtures.py`` wrap these with cleanup.
+`WorkerProcess` (a `stream_rnn.ops.processes.WorkerHandle`) polls their status endpoint and
+stops them (SIGTERM, then SIGKILL). The fixtures ``stream_topics`` and ``worker_factory`` in
+``kafka_fixtures.py`` wrap these with cleanup.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +20,13 @@ import pytest
 import torch
 
 from stream_rnn.model import ModelConfig, RecurrentModel
+from stream_rnn.ops.processes import (
+    KILL_TIMEOUT_S,
+    POLL_S,
+    ProcessExitedError,
+    ProcessWaitTimeout,
+    WorkerHandle,
+)
 from stream_rnn.predict.offline import score_records
 from stream_rnn.registry.checkpoint import load_checkpoint, save_checkpoint
 from stream_rnn.train.data import Record, write_records
@@ -154,62 +158,33 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120)
     return proc.stderr + proc.stdout
 
 
-class WorkerProcess:
-    """One ``stream-rnn worker`` subprocess with a status port and a log file."""
+class WorkerProcess(WorkerHandle):
+    """One ``stream-rnn worker`` subprocess (cwd: the repository) whose waits fail the test.
+
+    ``args`` are the worker's flags; ``--web-port port`` is added. See `WorkerHandle`.
+    """
 
     def __init__(self, args: list[str], port: int, log_path: Path, env: dict[str, str]) -> None:
-        self.port = port
-        self.log_path = log_path
-        with open(log_path, "wb") as log:
-            self.proc = subprocess.Popen(  # noqa: S603 - our own module, argument list
-                [sys.executable, "-m", "stream_rnn", "worker", *args, "--web-port", str(port)],
-                cwd=REPO,
-                env={**os.environ, **env},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    def status(self) -> dict[str, Any] | None:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/", timeout=2) as resp:  # noqa: S310 - loopback
-                loaded: dict[str, Any] = json.loads(resp.read())
-                return loaded
-        except OSError:
-            return None
-
-    def log_tail(self, lines: int = 40) -> str:
-        text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        return "\n".join(text.splitlines()[-lines:])
+        super().__init__(args, port, log_path, env=env, cwd=REPO)
 
     def wait_until(
-        self, pred: Callable[[dict[str, Any]], bool], what: str, timeout: float = WORKER_READY_S
+        self,
+        predicate: Callable[[dict[str, Any]], bool],
+        what: str,
+        timeout: float = WORKER_READY_S,
+        *,
+        poll_s: float = POLL_S,
     ) -> dict[str, Any]:
-        """Poll the status until ``pred`` holds; fail (with the log) if the worker dies."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(
-                    f"worker exited ({self.proc.returncode}) before {what}:\n{self.log_tail()}"
-                )
-            status = self.status()
-            if status is not None and pred(status):
-                return status
-            time.sleep(0.2)
-        pytest.fail(f"worker did not reach '{what}' within {timeout:.0f}s:\n{self.log_tail()}")
+        """Poll the status until ``predicate`` holds; fail (with the log) if the worker dies."""
+        try:
+            return super().wait_until(predicate, what, timeout, poll_s=poll_s)
+        except (ProcessExitedError, ProcessWaitTimeout) as err:
+            message = str(err)
+        pytest.fail(message)
 
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self, timeout: float = WORKER_STOP_S) -> int:
+    def stop(self, timeout: float = WORKER_STOP_S, *, kill_timeout: float = KILL_TIMEOUT_S) -> int:
         """SIGTERM (graceful), then SIGKILL after ``timeout``; returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
+        return super().stop(timeout, kill_timeout=kill_timeout)
 
 
 class StreamTopicsFactory(Protocol):

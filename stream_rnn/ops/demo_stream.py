@@ -7,20 +7,20 @@ predictions and compares them line by line with offline scoring.
 
 from __future__ import annotations
 
-import json
-import os
-import signal
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
-from urllib.request import urlopen
 
 from rich.console import Console
 
-from stream_rnn.ops.kafka_local import LocalKafka, find_free_port
+from stream_rnn.ops.kafka_local import LocalKafka
+from stream_rnn.ops.processes import (
+    ProcessExitedError,
+    ProcessWaitTimeout,
+    WorkerHandle,
+    find_free_port,
+)
 from stream_rnn.ops.settings import Settings
 from stream_rnn.producer import TokenProducer, produce_records
 from stream_rnn.stream.collect import read_predictions, to_lines
@@ -58,12 +58,7 @@ def stream_through_kafka(
         partitions=2,
     )
     log_path = work_dir / f"{run}-worker.log"
-    port = find_free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "stream_rnn",
-        "worker",
+    args = [
         "--model",
         str(model_dir),
         "--bootstrap",
@@ -78,14 +73,11 @@ def stream_through_kafka(
         topics["dead"],
         "--partitions",
         "2",
-        "--web-port",
-        str(port),
     ]
-    env = {**os.environ, "STREAM_RNN_WORKER_DIR": str(work_dir / "worker")}
-    with log_path.open("w") as log:
-        worker = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)  # noqa: S603
+    env = {"STREAM_RNN_WORKER_DIR": str(work_dir / "worker")}
+    worker = WorkerHandle(args, find_free_port(), log_path, env=env)
     try:
-        _wait_assigned(worker, port, log_path)
+        _wait_assigned(worker)
         started = time.monotonic()
         with TokenProducer(info.bootstrap, topics["tokens"]) as producer:
             sent = produce_records(records, producer, interleave_seed=seed)
@@ -105,7 +97,7 @@ def stream_through_kafka(
             until=done,
         )
         elapsed = time.monotonic() - started
-        if worker.poll() is not None:
+        if not worker.alive():
             raise RuntimeError(f"the worker exited early; see {log_path}")
         lines = {line["key"]: line for line in to_lines(preds, "classify")}
         same = sum(lines.get(o["key"], {}).get("label") == o["label"] for o in offline)
@@ -132,29 +124,19 @@ def stream_through_kafka(
             "worker_log": str(log_path),
         }
     finally:
-        if worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait(timeout=10)
+        worker.stop(timeout=30)
         kafka.stop()
 
 
-def _wait_assigned(worker: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
+def _wait_assigned(worker: WorkerHandle) -> None:
     """Poll the worker's status endpoint until it owns partitions (bounded)."""
-    deadline = time.monotonic() + WORKER_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if worker.poll() is not None:
-            raise RuntimeError(f"the worker exited ({worker.returncode}); see {log_path}")
-        try:
-            with urlopen(f"http://127.0.0.1:{port}/", timeout=2) as resp:  # noqa: S310 - loopback
-                if json.loads(resp.read()).get("assigned"):
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(
-        f"the worker got no partitions in {WORKER_START_TIMEOUT_S:.0f}s; see {log_path}"
-    )
+    try:
+        worker.wait_until(
+            lambda status: bool(status.get("assigned")), "partitions", WORKER_START_TIMEOUT_S
+        )
+    except ProcessExitedError as err:
+        raise RuntimeError(f"the worker exited ({err.returncode}); see {worker.log_path}") from None
+    except ProcessWaitTimeout:
+        raise RuntimeError(
+            f"the worker got no partitions in {WORKER_START_TIMEOUT_S:.0f}s; see {worker.log_path}"
+        ) from None

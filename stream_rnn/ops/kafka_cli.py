@@ -16,15 +16,8 @@ from pathlib import Path
 import click
 
 from stream_rnn.ops.exceptions import OpsError
-from stream_rnn.ops.kafka_local import (
-    DEFAULT_HEAP,
-    KAFKA_VERSION_ENV,
-    START_TIMEOUT_S,
-    STOP_TIMEOUT_S,
-    LocalKafka,
-    jars_dir,
-    jars_ready,
-)
+from stream_rnn.ops.kafka_jars import KAFKA_VERSION_ENV, jars_dir, jars_ready
+from stream_rnn.ops.kafka_local import DEFAULT_HEAP, START_TIMEOUT_S, STOP_TIMEOUT_S, LocalKafka
 
 __all__ = ["DATA_DIR_ENV", "DEFAULT_DATA_DIR", "EXIT_NOT_RUNNING", "kafka_group"]
 

@@ -34,13 +34,12 @@ from stream_rnn.stream.messages import (
     DEFAULT_MAX_CHUNK_TOKENS,
     EVENT_FIELDS,
     FIELD_DOCS,
-    REASONS,
     DeadLetter,
     Event,
     Prediction,
-    Reason,
     TokensEvent,
 )
+from stream_rnn.stream.reasons import REASONS, Reason
 from stream_rnn.train.vocab import Vocab
 
 DEFAULT_MAX_BYTES = 4096

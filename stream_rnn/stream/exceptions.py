@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from stream_rnn.stream.messages import Reason
+from stream_rnn.stream.reasons import Reason
 
 
 class StreamError(Exception):
@@ -15,7 +12,7 @@ class StreamError(Exception):
 class Rejected(StreamError, ValueError):
     """An input message the worker cannot use; it belongs on the dead-letter topic.
 
-    ``reason`` is one of the codes in `stream_rnn.stream.messages.REASONS`; ``detail`` is a
+    ``reason`` is one of the codes in `stream_rnn.stream.reasons.REASONS`; ``detail`` is a
     sentence for the producer: what was wrong, with the value, and what to do.
 
     >>> err = Rejected("bad_version", "unsupported schema version 'v'=2; send v=1")

@@ -1,4 +1,4 @@
-"""Wire schemas of the stream topics, dead-letter reason codes and the shipped JSON Schemas.
+"""Wire schemas of the stream topics and the shipped JSON Schemas.
 
 Every message is one UTF-8 JSON object; the Kafka key is the sequence key (UTF-8 bytes).
 
@@ -8,7 +8,8 @@ Every message is one UTF-8 JSON object; the Kafka key is the sequence key (UTF-8
 * output topic: a prediction, one of the ``*Prediction`` structs, told apart by ``type``. A
   chunk's per-token outputs come in one ``*_chunk`` prediction: its payload fields are those of
   the per-token type, each a list with one entry per token (`CHUNK_TYPES`).
-* dead-letter topic: `DeadLetter`, the original bytes base64-encoded, with a `Reason` code.
+* dead-letter topic: `DeadLetter`, the original bytes base64-encoded, with a `Reason` code
+  (`stream_rnn.stream.reasons`).
 
 The structs are msgspec Structs: `stream_rnn.stream.codec` decodes straight into them and
 validates while it parses, and `build_schema` derives the JSON Schemas (draft 2020-12) from
@@ -38,44 +39,13 @@ from msgspec import Meta, Struct
 # chunk prediction type -> (its per-token type, its payload fields: per-token lists)
 from stream_rnn.engine.events import CHUNK_TYPES as CHUNK_TYPES
 from stream_rnn.stream.exceptions import StreamError
+from stream_rnn.stream.reasons import Reason
 
 SCHEMA_VERSION = 1
 MAX_GENERATE = 1000
 DEFAULT_MAX_CHUNK_TOKENS = 256  # a worker's default limit on the tokens of one chunk
 MAX_LABEL_CHARS = 128
 _MAX_FLOAT = sys.float_info.max  # a `le` bound that rejects inf; NaN fails every bound
-
-Reason = Literal[
-    "not_json",
-    "not_object",
-    "missing_field",
-    "extra_field",
-    "wrong_type",
-    "bad_version",
-    "missing_key",
-    "unknown_token",
-    "token_out_of_range",
-    "oversized",
-    "unknown_key",
-    "bad_value",
-]
-REASONS: dict[Reason, str] = {
-    "not_json": "the value is not UTF-8 JSON (or is empty, truncated, or a tombstone)",
-    "not_object": "the value is JSON but not an object (an array, string, number, ...)",
-    "missing_field": "a required field is absent (v, type, token, n)",
-    "extra_field": "the object has a field its event type does not define",
-    "wrong_type": "a field has the wrong JSON type (true is not an integer, 1.0 is not a token id)",
-    "bad_version": "'v' is not 1, the only schema version this worker understands",
-    "missing_key": "the Kafka message has no key (or an empty or non-UTF-8 one)",
-    "unknown_token": "a string token is not in the model's vocabulary (and unknowns are rejected); "
-    "in a chunk, the detail names the token's index",
-    "token_out_of_range": "an integer token is not a valid input id 1..len(vocab)-1; in a chunk, "
-    "the detail names the token's index",
-    "oversized": "the value is longer than the worker's max_bytes (it was not parsed), or a "
-    "'tokens' chunk holds more tokens than the worker's max_chunk_tokens",
-    "unknown_key": "a control event for a key that has no state (decided by the engine)",
-    "bad_value": "a field has the right type but a value out of range, or 'type' is unknown",
-}
 
 EVENT_TYPES = ("token", "tokens", "end", "reset", "generate")
 FIELD_DOCS: dict[str, str] = {

@@ -43,6 +43,7 @@ from stream_harness import TOL, StreamTopics, WorkerFactory, WorkerProcess, asse
 
 from stream_rnn.engine.store import StoredState, decode_state
 from stream_rnn.model import ModelConfig, RecurrentModel
+from stream_rnn.ops.processes import WorkerHandle
 from stream_rnn.registry.checkpoint import load_checkpoint, save_checkpoint
 from stream_rnn.stream.codec import decode_prediction
 from stream_rnn.stream.state import restore_partition
@@ -241,7 +242,7 @@ def wait_consumed(
     topics: StreamTopics,
     *,
     timeout: float,
-    workers: Callable[[], Sequence[WorkerProcess]],
+    workers: Callable[[], Sequence[WorkerHandle]],
 ) -> float:
     """Wait until the group committed the end of every tokens partition; seconds waited.
 

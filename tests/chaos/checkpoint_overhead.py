@@ -33,7 +33,8 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]  # chaos_harness, stream_harness
 from chaos_harness import ALPHABET, produce, tiny_model  # noqa: E402
 from stream_harness import StreamTopics, WorkerProcess  # noqa: E402
 
-from stream_rnn.ops.kafka_local import LocalKafka, find_free_port  # noqa: E402
+from stream_rnn.ops.kafka_local import LocalKafka  # noqa: E402
+from stream_rnn.ops.processes import find_free_port  # noqa: E402
 
 POLL_S = 0.05
 

@@ -46,7 +46,7 @@ from stream_harness import (
     run_cli,
 )
 
-from stream_rnn.ops.kafka_local import find_free_port
+from stream_rnn.ops.processes import find_free_port
 from stream_rnn.registry.checkpoint import load_checkpoint, read_manifest
 from stream_rnn.train.vocab import Vocab
 

@@ -20,7 +20,7 @@ from kafka_fixtures import unique_name
 from stream_harness import REPO, run_cli
 
 from stream_rnn.model import ModelConfig, RecurrentModel
-from stream_rnn.ops.kafka_local import find_free_port
+from stream_rnn.ops.processes import find_free_port
 from stream_rnn.registry import Registry, UpdateRejected, read_manifest, save_checkpoint
 from stream_rnn.registry.updates import read_current_update, verify_signature, verify_update
 from stream_rnn.train.vocab import Vocab

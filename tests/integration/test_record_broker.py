@@ -21,7 +21,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka_fixtures import TopicFactory
 from stream_harness import REPO, run_cli
 
-from stream_rnn.ops.kafka_local import find_free_port
+from stream_rnn.ops.processes import find_free_port
 from stream_rnn.train.data import read_records
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]

@@ -25,13 +25,13 @@ from stream_rnn.stream.codec import (
 )
 from stream_rnn.stream.exceptions import MalformedMessage, Rejected
 from stream_rnn.stream.messages import (
-    REASONS,
     EndEvent,
     GenerateEvent,
     ResetEvent,
     TokenEvent,
     TokensEvent,
 )
+from stream_rnn.stream.reasons import REASONS
 from stream_rnn.train.vocab import Vocab
 
 VALID = [

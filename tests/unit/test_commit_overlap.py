@@ -16,7 +16,8 @@ from typing import Any
 from stream_harness import make_model
 
 from stream_rnn.stream.batches import consume_batches
-from stream_rnn.stream.worker import StreamWorker, WorkerOptions
+from stream_rnn.stream.worker import StreamWorker
+from stream_rnn.stream.worker_options import WorkerOptions
 
 
 class BlockingTransactions:

@@ -9,7 +9,7 @@ import pytest
 
 from stream_rnn.ops.settings import Settings
 from stream_rnn.stream.executor import InlineExecutor, engine_executor
-from stream_rnn.stream.worker import WorkerOptions
+from stream_rnn.stream.worker_options import WorkerOptions
 
 
 def test_inline_executor_runs_on_the_callers_thread_through_run_in_executor() -> None:

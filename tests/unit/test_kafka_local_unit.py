@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from stream_rnn.ops import kafka_local
 from stream_rnn.ops.exceptions import (
     KafkaDataDirError,
     KafkaJarsError,
@@ -27,18 +26,17 @@ from stream_rnn.ops.exceptions import (
     ToolNotFoundError,
 )
 from stream_rnn.ops.kafka_cli import EXIT_NOT_RUNNING, kafka_group
-from stream_rnn.ops.kafka_local import (
+from stream_rnn.ops.kafka_config import broker_properties, new_cluster_id, render_properties
+from stream_rnn.ops.kafka_jars import (
     DEFAULT_KAFKA_VERSION,
-    LocalKafka,
-    broker_properties,
+    KAFKA_VERSION_ENV,
     ensure_jars,
-    find_free_port,
     find_java,
     jars_dir,
-    new_cluster_id,
     parse_java_major,
-    render_properties,
 )
+from stream_rnn.ops.kafka_local import LocalKafka
+from stream_rnn.ops.processes import find_free_port
 
 
 def _fake_program(directory: Path, name: str, script: str) -> Path:
@@ -56,7 +54,7 @@ def bare_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     bin_dir.mkdir()
     monkeypatch.setenv("PATH", str(bin_dir))
     monkeypatch.delenv("JAVA_HOME", raising=False)
-    monkeypatch.delenv(kafka_local.KAFKA_VERSION_ENV, raising=False)
+    monkeypatch.delenv(KAFKA_VERSION_ENV, raising=False)
     return bin_dir
 
 

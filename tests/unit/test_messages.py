@@ -18,13 +18,11 @@ from stream_rnn.stream.messages import (
     CHUNK_TYPES,
     EVENT_FIELDS,
     EVENT_TYPES,
-    REASONS,
     SCHEMA_NAMES,
     EndEvent,
     Event,
     GenerateEvent,
     Prediction,
-    Reason,
     ResetEvent,
     TokenEvent,
     build_schema,
@@ -32,6 +30,7 @@ from stream_rnn.stream.messages import (
     schema_path,
     write_schemas,
 )
+from stream_rnn.stream.reasons import REASONS, Reason
 
 try:  # a dev dependency: without it only the tests that validate against the schemas skip
     import jsonschema

@@ -15,7 +15,9 @@ from stream_rnn.ops.settings import Settings
 from stream_rnn.registry import save_checkpoint
 from stream_rnn.stream.commit import EXIT_SOFTWARE
 from stream_rnn.stream.topics import state_topic_config
-from stream_rnn.stream.worker import StreamWorker, WorkerOptions, remove_stale_dirs
+from stream_rnn.stream.worker import StreamWorker
+from stream_rnn.stream.worker_app import remove_stale_dirs
+from stream_rnn.stream.worker_options import WorkerOptions
 from stream_rnn.train.vocab import Vocab
 
 
