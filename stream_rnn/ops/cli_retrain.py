@@ -153,6 +153,8 @@ def _usage(
               help="JSON line per run appended here (default: <registry>/retrain.jsonl)")  # fmt: skip
 @click.option("--metrics-file", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="Prometheus text file rewritten after every run (textfile collector, Pushgateway)")  # fmt: skip
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
+              help="serve Prometheus /metrics while --every runs (host: $STREAM_RNN_METRICS_HOST)")  # fmt: skip
 def retrain_cmd(**kw: Any) -> None:
     """Retrain the production model on recorded sequences; publish the candidate if it is better.
 
@@ -216,10 +218,16 @@ def retrain_cmd(**kw: Any) -> None:
         return result.error
 
     if every is None:
+        if kw["metrics_port"] is not None:
+            raise click.UsageError(
+                "--metrics-port serves metrics while --every runs; a one-shot run writes them "
+                "with --metrics-file (node_exporter's textfile collector, or a Pushgateway)"
+            )
         error = one_run()
         if error is not None:
             raise error
         return
+    server = _metrics_server(kw["metrics_port"] or settings.metrics_port, settings, job)
     stop = _StopOnSignal()
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -234,7 +242,26 @@ def retrain_cmd(**kw: Any) -> None:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if server is not None:
+            server.stop()
     say(f"stopped after {runs} runs")
+
+
+def _metrics_server(port: int | None, settings: Any, job: Any) -> Any:
+    """``/metrics`` of the retrain log while the schedule runs (None without a port)."""
+    if port is None:
+        return None
+    from prometheus_client import CollectorRegistry
+
+    from stream_rnn.ops.retrain_report import LogCollector
+    from stream_rnn.stream.sensors import MetricsServer
+
+    registry = CollectorRegistry()
+    registry.register(LogCollector(job.log))
+    server = MetricsServer(registry, port=port, host=settings.metrics_host)
+    server.start()
+    console.print(f"metrics on http://{settings.metrics_host}:{port}/metrics", markup=False)
+    return server
 
 
 def _report(error: Exception) -> None:

@@ -138,6 +138,14 @@ def _topic_settings(**topics: str | None) -> Settings:
 @click.option("--running-estimate", is_flag=True, default=None, help="classify: per-token label")
 @click.option("--partitions", type=click.IntRange(min=1), default=None, help="new tokens topic")
 @click.option("--web-port", type=click.IntRange(1, 65535), default=None, help="status endpoint")
+@click.option("--web-host", default=None,
+              help="address the status endpoint binds (default 127.0.0.1; 0.0.0.0 in a container)")  # fmt: skip
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
+              help="serve Prometheus /metrics on this port ($STREAM_RNN_METRICS_PORT)")  # fmt: skip
+@click.option("--metrics-host", default=None,
+              help="address /metrics binds (default 127.0.0.1; 0.0.0.0 in a container)")  # fmt: skip
+@click.option("--faust-metrics", is_flag=True, default=None,
+              help="also expose faust's own sensor on /metrics (faust_* names)")  # fmt: skip
 @click.option(
     "--guarantee",
     type=click.Choice(["exactly-once", "at-least-once"]),
@@ -158,7 +166,8 @@ def worker_cmd(model_dir: str | None, bootstrap: str | None, **kw: Any) -> None:
     the topics if missing (with --partitions, default $STREAM_RNN_PARTITIONS). Serves --model,
     or the production version of --registry, swapping in every version announced later.
     """
-    from stream_rnn.stream.worker import WorkerOptions, run_worker
+    from stream_rnn.stream.worker_app import run_worker
+    from stream_rnn.stream.worker_options import WorkerOptions
 
     settings = get_settings()
     registry = kw["registry"] or (

@@ -141,6 +141,21 @@ class RetrainCollector(Collector):
             )
 
 
+class LogCollector(Collector):
+    """The retrain metrics read from the log at scrape time (``retrain --metrics-port``): the
+    runs by decision, and the newest run as the last one (nothing ran yet: zeros)."""
+
+    def __init__(self, log_path: Path) -> None:
+        self.log_path = log_path
+
+    def collect(self) -> Iterator[Metric]:
+        summary = summarise_log(self.log_path)
+        last: dict[str, Any] = {}
+        for last in read_log(self.log_path):  # noqa: B007 - the newest entry is wanted
+            pass
+        yield from RetrainCollector(summary, last).collect()
+
+
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, documentation, value=value)
 

@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, cast
+from typing import Any, Literal, cast
 
 from stream_rnn.engine.engine import Engine
 from stream_rnn.engine.events import END, GENERATE, RESET, TOKEN, BatchResult, Event, GenerateParams
@@ -42,70 +42,18 @@ from stream_rnn.stream.messages import (
     DEFAULT_MAX_CHUNK_TOKENS,
     EndEvent,
     GenerateEvent,
-    Reason,
     ResetEvent,
     TokenEvent,
     TokensEvent,
 )
+from stream_rnn.stream.reasons import Reason
+from stream_rnn.stream.sensors import CountingSensor, Sensor
 from stream_rnn.train.vocab import Vocab
 
 # Below this, logits / temperature overflows float32 for ordinary logits and sampling fails
 # (softmax of inf is NaN); the schema only asks for > 0, so the adapter refuses these first.
 MIN_TEMPERATURE = 1e-6
 _KINDS = {EndEvent: END, ResetEvent: RESET}
-
-
-class Sensor(Protocol):
-    """Instrumentation hooks of the stream path; metrics plug in here (faust's `Sensor` idea)."""
-
-    def on_batch(self, n_events: int, n_tokens: int, seconds: float) -> None:
-        """A micro-batch of ``n_events`` messages (``n_tokens`` tokens) took ``seconds``."""
-
-    def on_dead_letter(self, reason: str) -> None:
-        """One message was dead-lettered with ``reason``."""
-
-    def on_predictions(self, n: int) -> None:
-        """``n`` predictions were emitted."""
-
-
-@dataclass
-class CountingSensor:
-    """In-memory counts, for tests, the simulator and the worker's log line.
-
-    >>> sensor = CountingSensor()
-    >>> sensor.on_dead_letter("not_json"); sensor.dead_letters["not_json"]
-    1
-    """
-
-    batches: int = 0
-    events: int = 0
-    tokens: int = 0
-    seconds: float = 0.0
-    predictions: int = 0
-    skipped: int = 0  # redelivered events already in their key's state
-    dead_letters: Counter[str] = field(default_factory=Counter)
-    checkpoints: int = 0
-    checkpoint_records: int = 0
-    checkpoint_bytes: int = 0
-    checkpoint_seconds: float = 0.0
-    restored_keys: int = 0
-    restore_seconds: float = 0.0
-    commits: int = 0  # exactly-once: commit rounds (one transaction per partition each)
-    transactions: int = 0
-    commit_failures: int = 0
-    commit_seconds: float = 0.0
-
-    def on_batch(self, n_events: int, n_tokens: int, seconds: float) -> None:
-        self.batches += 1
-        self.events += n_events
-        self.tokens += n_tokens
-        self.seconds += seconds
-
-    def on_dead_letter(self, reason: str) -> None:
-        self.dead_letters[reason] += 1
-
-    def on_predictions(self, n: int) -> None:
-        self.predictions += n
 
 
 @dataclass(slots=True)
@@ -245,12 +193,15 @@ class Adapter:
             rec = batch.records[rejection.event.id]
             dead.append(self._dead_letter(rec, rejection.reason, rejection.detail, now))
             dead_parts.append(rec.partition)
-        keys, values, parts = self.encoder.encode(result, now)
+        encoder = self.encoder
+        keys, values, parts = encoder.encode(result, now)
         preds = list(zip(keys, values, strict=True))
         if preds:
-            self.sensor.on_predictions(len(preds))
-        if result.skipped and isinstance(self.sensor, CountingSensor):
-            self.sensor.skipped += result.skipped
+            self.sensor.on_predictions(encoder.types)
+            if encoder.latencies:
+                self.sensor.on_latency(encoder.latencies)
+        if result.skipped:
+            self.sensor.on_skipped(result.skipped)
         return Outputs(preds, dead, result.tokens, parts, dead_parts)
 
     def process(self, records: Sequence[RawRecord], engine: Engine) -> Outputs:
@@ -266,8 +217,15 @@ class Adapter:
         started = time.perf_counter()
         with _gc_paused():
             batch = self.decode(records)
-            out = self.finish(batch, engine.process(batch.events))
-        self.sensor.on_batch(len(records), out.tokens, time.perf_counter() - started)
+            stepping = time.perf_counter()
+            result = engine.process(batch.events)
+            self.sensor.on_step(time.perf_counter() - stepping)
+            out = self.finish(batch, result)
+            by_partition: Counter[int] = Counter()
+            for e in batch.events:
+                if e.kind == TOKEN:
+                    by_partition[e.partition] += 1 if e.tokens is None else len(e.tokens)
+        self.sensor.on_batch(len(records), out.tokens, time.perf_counter() - started, by_partition)
         return out
 
     def _dead_letter(

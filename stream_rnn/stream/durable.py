@@ -38,7 +38,7 @@ from typing import Any, NamedTuple, TypeVar
 from stream_rnn.engine.diskstore import DiskStateStore
 from stream_rnn.engine.engine import Engine
 from stream_rnn.engine.store import StoredState
-from stream_rnn.stream.adapter import CountingSensor
+from stream_rnn.stream.sensors import Sensor
 from stream_rnn.stream.state import EncodedState, StateWriter, read_partition
 
 log = logging.getLogger("stream_rnn.worker")
@@ -79,7 +79,7 @@ class DurableState:
         bootstrap: str,
         state_topic: str,
         executor: Executor,
-        sensor: CountingSensor,
+        sensor: Sensor,
         *,
         interval_s: float = 2.0,
         every_tokens: int = 50_000,
@@ -122,8 +122,7 @@ class DurableState:
                 loaded = await self._on_engine(self._load, states)
                 self.restored.add(partition)
                 seconds = time.monotonic() - started
-                self.sensor.restored_keys += loaded
-                self.sensor.restore_seconds += seconds
+                self.sensor.on_restore(loaded, seconds)
                 log.info(
                     "restored %d key states of partition %d in %.2fs", loaded, partition, seconds
                 )
@@ -205,11 +204,7 @@ class DurableState:
             for partition, changes in todo:
                 self._keep_for_retry(partition, changes)
             raise
-        s = self.sensor
-        s.checkpoints += 1
-        s.checkpoint_records += written
-        s.checkpoint_bytes += self.writer.bytes - before
-        s.checkpoint_seconds += time.monotonic() - started
+        self.sensor.on_checkpoint(written, self.writer.bytes - before, time.monotonic() - started)
         return written
 
     def _keep_for_retry(self, partition: int, changes: Changes) -> None:

@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable
 from itertools import repeat
 from typing import Any
@@ -55,22 +56,38 @@ class PredictionEncoder:
         # names list of the heads that made a block -> the same names as a numpy object array
         # (ids -> strings in one take); rebuilt when a model swap brings new heads
         self._names: tuple[list[str], np.ndarray] | None = None
+        # what the last `encode` produced, for the sensor: predictions by wire type, and the
+        # latency of every one whose event carried a producer timestamp
+        self.types: Counter[str] = Counter()
+        self.latencies: list[float] = []
 
     def encode(self, result: BatchResult, now: float) -> tuple[list[bytes], list[bytes], list[int]]:
         """Every prediction of ``result`` in emission order, with emit time ``now``."""
         keys: list[bytes] = []
         values: list[bytes] = []
         parts: list[int] = []
+        self.types = types = Counter[str]()
+        self.latencies = []
         for item in result.items:
             if isinstance(item, TokenBlock):
                 block_keys, block_values = self._block(item, now)
                 keys += block_keys
                 values += block_values
                 parts += [e.partition for e in item.events]
+                chunks = (
+                    0 if item.counts is None else sum(e.tokens is not None for e in item.events)
+                )
+                types[item.kind] += len(block_values) - chunks
+                if chunks:
+                    types[f"{item.kind}_chunk"] += chunks
             else:
                 keys.append(item["key"].encode())
-                values.append(self._encode(finalise(item, now)))
+                pred = finalise(item, now)
+                values.append(self._encode(pred))
                 parts.append(int(item["id"].partition(":")[0] or -1))
+                types[str(pred.get("type"))] += 1
+                if pred["latency_s"] is not None:
+                    self.latencies.append(pred["latency_s"])
         return keys, values, parts
 
     def _block(self, block: TokenBlock, now: float) -> tuple[list[bytes], list[bytes]]:
@@ -78,6 +95,7 @@ class PredictionEncoder:
         keys = [e.key for e in events]
         ids = [e.id for e in events]
         latency = [None if e.ts is None else now - e.ts for e in events]
+        self.latencies += [x for x in latency if x is not None]
         pos, seq = block.pos.tolist(), block.seq.tolist()
         columns = self._columns(block)
         single, chunk = _STRUCTS[block.kind]

@@ -35,6 +35,7 @@ from faust.transport.drivers.aiokafka import Consumer as AIOKafkaDriverConsumer
 from faust.transport.drivers.aiokafka import Transport as AIOKafkaTransport
 from faust.types import TP, EventT, StreamT
 from mode import Service, ServiceT
+from prometheus_client import CollectorRegistry
 
 from stream_rnn.stream.batches import EventQueue
 from stream_rnn.stream.exceptions import StreamError
@@ -483,3 +484,31 @@ def bulk_stats(app: faust.App) -> BulkStats | None:
     """The bulk path's counters, or None if the app's consumer is not a `BulkConsumer` (yet)."""
     consumer = cast(Any, app)._consumer
     return consumer.bulk_stats if isinstance(consumer, BulkConsumer) else None
+
+
+def highwaters(app: faust.App, topic: str) -> dict[int, int]:
+    """The high watermark of every assigned partition of ``topic``, as the consumer's last
+    fetch reported it (partitions not fetched from yet are left out)."""
+    consumer = cast(Any, app)._consumer
+    if consumer is None:
+        return {}
+    out: dict[int, int] = {}
+    for tp in consumer.assignment():
+        if tp.topic != topic:
+            continue
+        try:
+            hw = consumer.highwater(tp)
+        except Exception:  # noqa: BLE001, S112 - not assigned any more (a rebalance in between)
+            continue
+        if hw is not None:
+            out[tp.partition] = int(hw)
+    return out
+
+
+def use_faust_metrics(app: faust.App, registry: CollectorRegistry, prefix: str = "faust") -> None:
+    """Let faust's own Prometheus sensor report into ``registry`` (metric names ``faust_*``,
+    never ``stream_rnn_*``); call it before the app starts. faust's web page for them is not
+    used: the worker's metrics server exposes the registry."""
+    from faust.sensors.prometheus import FaustMetrics, PrometheusMonitor  # noqa: PLC0415
+
+    app.monitor = PrometheusMonitor(metrics=FaustMetrics.create(registry, prefix))

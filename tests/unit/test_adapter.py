@@ -14,15 +14,11 @@ from stream_rnn.engine.events import END, GENERATE, RESET, TOKEN, BatchResult, E
 from stream_rnn.model import ModelConfig, RecurrentModel
 from stream_rnn.predict.offline import score_records
 from stream_rnn.registry.checkpoint import Manifest
-from stream_rnn.stream.adapter import (
-    MIN_TEMPERATURE,
-    Adapter,
-    CountingSensor,
-    RawRecord,
-)
+from stream_rnn.stream.adapter import MIN_TEMPERATURE, Adapter, RawRecord
 from stream_rnn.stream.codec import decode_dead_letter, decode_prediction
 from stream_rnn.stream.collect import to_lines
 from stream_rnn.stream.encoder import finalise
+from stream_rnn.stream.sensors import CountingSensor
 from stream_rnn.train.data import Record
 from stream_rnn.train.vocab import Vocab
 
@@ -177,6 +173,12 @@ def test_predictions_are_finalised_and_match_the_schema() -> None:
     assert all(b'"_ts"' not in value for _, value in out.predictions)
     assert (sensor.batches, sensor.events, sensor.tokens, sensor.predictions) == (1, 3, 2, 3)
     assert sensor.seconds > 0
+    # what the metrics read: types, latencies of the events that carried a ts, tokens per
+    # source partition, the network pass and the batch size
+    assert sensor.predictions_by_type == {"next": 2, "end": 1}
+    assert (sensor.latency.count, sensor.latency.total) == (2, 1.5)
+    assert sensor.tokens_by_partition == {2: 2}
+    assert sensor.step.count == 1 and sensor.batch_tokens.total == 2
 
 
 def test_finalise_in_place() -> None:

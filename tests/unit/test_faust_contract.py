@@ -344,3 +344,27 @@ def test_the_raw_event_shortcut_equals_fausts_decode() -> None:
         assert ours.value is faust_event.value  # type: ignore[attr-defined]
         assert ours.headers == faust_event.headers  # type: ignore[attr-defined]
         assert ours.message is faust_event.message  # type: ignore[attr-defined]
+
+
+def test_highwater_of_the_driver_consumer_and_an_app_without_one() -> None:
+    """`highwaters` asks faust's aiokafka driver consumer for ``highwater(tp)``."""
+    params = list(inspect.signature(DriverConsumer.highwater).parameters)
+    assert params == ["self", "tp"]
+    assert not inspect.iscoroutinefunction(DriverConsumer.highwater)
+    app = faust.App("contract-hw", broker="kafka://127.0.0.1:1", autodiscover=False)
+    assert fb.highwaters(app, "t") == {}  # no consumer yet: nothing, and no consumer created
+    assert app._consumer is None
+
+
+def test_faust_metrics_go_to_our_registry_under_their_own_prefix() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    app = faust.App("contract-metrics", broker="kafka://127.0.0.1:1", autodiscover=False)
+    registry = CollectorRegistry()
+    fb.use_faust_metrics(app, registry)
+    assert type(app.monitor).__name__ == "PrometheusMonitor"
+    names = {f.name for f in text_string_to_metric_families(generate_latest(registry).decode())}
+    assert names, "faust registered no metrics"
+    assert all(n.startswith("faust_") for n in names), names
+    assert not any(n.startswith("stream_rnn_") for n in names)

@@ -18,12 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner, Result
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from stream_rnn.model import ModelConfig, RecurrentModel
 from stream_rnn.ops.cli import cli
 from stream_rnn.ops.retrain import Announce, FileSource, RetrainJob, run_every, run_once
-from stream_rnn.ops.retrain_report import read_log, summary_line
+from stream_rnn.ops.retrain_report import LogCollector, read_log, summary_line
 from stream_rnn.registry import AnnouncementError, Registry, load_checkpoint, save_checkpoint
 from stream_rnn.train.data import Record, write_records
 from stream_rnn.train.exceptions import RetrainError
@@ -176,6 +177,26 @@ def test_under_trained_production_is_beaten_and_published(tmp_path: Path) -> Non
     assert cand == pytest.approx(entry["candidate_metrics"]["loss"]) and cand < prod
     assert samples[("stream_rnn_retrain_duration_seconds", ())] == entry["duration_s"]
     assert not list(registry.glob(".retrain-*"))  # the candidate's work directory is gone
+    # `retrain --every --metrics-port` serves the same numbers, read from the log at scrape time
+    live = CollectorRegistry()
+    live.register(LogCollector(registry / "retrain.jsonl"))
+    scraped = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(generate_latest(live).decode())
+        for s in family.samples
+    }
+    assert scraped == samples
+
+
+def test_metrics_port_belongs_to_a_schedule(tmp_path: Path) -> None:
+    (tmp_path / "x.jsonl").write_text("")
+    result = CliRunner().invoke(
+        cli, ["retrain", "--registry", str(tmp_path), "--data", str(tmp_path / "x.jsonl"),
+              "--metrics-port", "9310"],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert "--metrics-port serves metrics while --every runs" in result.output
+    assert "--metrics-file" in result.output
 
 
 def test_not_better_by_the_margin_is_kept_unless_forced(tmp_path: Path) -> None:
