@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     # worker
     group: str = Field("stream-rnn-worker", description="consumer group (faust app id)")
     max_batch: int = Field(1024, ge=1, description="largest micro-batch (messages)")
-    max_wait_s: float = Field(0.05, gt=0, description="longest wait to fill a micro-batch")
+    max_wait_s: float = Field(0.005, gt=0, description="longest wait to fill a micro-batch")
     max_message_bytes: int = Field(4096, ge=16, description="larger values are dead-lettered")
     max_chunk_tokens: int = Field(
         256,
@@ -127,6 +127,18 @@ class Settings(BaseSettings):
     worker_dir: Path = Field(
         Path(tempfile.gettempdir()) / "stream-rnn-worker",
         description="faust data directories, one per worker under it",
+    )
+    web_host: str = Field(
+        "127.0.0.1", description="address the worker status endpoint binds (0.0.0.0 in a container)"
+    )
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="worker / retrain: serve Prometheus /metrics on this port"
+    )
+    metrics_host: str = Field(
+        "127.0.0.1", description="address /metrics binds (0.0.0.0 in a container)"
+    )
+    faust_metrics: bool = Field(
+        False, description="worker: also expose faust's own sensor (faust_* metrics)"
     )
     log_level: str = Field("INFO", description="logging level")
 

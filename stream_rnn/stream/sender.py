@@ -37,8 +37,10 @@ class OutputSender:
     """An aiokafka producer (acks=all) that sends a micro-batch's outputs as partition batches."""
 
     def __init__(
-        self, bootstrap: str, *, client_id: str = "stream-rnn", linger_ms: int = 5
+        self, bootstrap: str, *, client_id: str = "stream-rnn", linger_ms: int = 0
     ) -> None:
+        # linger 0: a micro-batch's outputs are already whole broker batches (send_batch);
+        # lingering only adds its milliseconds to every prediction's latency.
         self.bootstrap = bootstrap
         self._config: dict[str, Any] = {
             "bootstrap_servers": bootstrap,

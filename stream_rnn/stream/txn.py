@@ -131,7 +131,9 @@ class PartitionTransactions:
             retry_backoff_ms=RETRY_BACKOFF_MS,
             enable_idempotence=True,
             acks="all",
-            linger_ms=5,
+            # outputs and states are appended as whole broker batches (send_batch): lingering
+            # would only delay them, and the commit that waits for their acknowledgements
+            linger_ms=0,
             max_batch_size=MAX_BATCH_BYTES,
             max_request_size=8 << 20,
         )
