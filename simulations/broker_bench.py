@@ -1,37 +1,35 @@
 """One stream worker through a real local Kafka broker, against references, in one run.
 
-Setup (issue 3, section 6): GRU 2 layers x 128, vocabulary 256, ~10,000 keys, tokens spread at
-random over the keys, a tokens topic of 4 partitions, CPU; random weights saved with
-``save_checkpoint``. One broker (``LocalKafka`` in a temporary directory) serves every row:
+Setup (issue 10, section 4): next-token GRU 2 layers x 128, vocabulary 256, ~10,000 keys,
+tokens spread at random over the keys, a tokens topic of 4 partitions, CPU, random weights
+saved with ``save_checkpoint``. One broker (``LocalKafka`` in a temporary directory) serves
+every row:
 
-* worker   — one ``stream-rnn worker`` process drains a pre-produced backlog of ``--tokens``
-             token events (the sustained maximum): rate = tokens / (last prediction's ``ts`` -
-             first prediction's ``ts``), read back from the predictions topic;
-* queue    — faust alone: an agent taking micro-batches from its channel queue with
-             ``take_batches`` exactly as the worker does, but doing nothing with them
-             (``faust_naive_agent.py --mode empty-queue``): the most one faust worker can drain;
-* take     — the same with faust's ``take_events(max_batch, max_wait)`` (``--mode empty-take``);
-* events   — faust alone, one event at a time, doing nothing (``--mode empty-events``);
-* ceiling  — a plain aiokafka consumer in this process: ``getmany`` batches, ``decode_batch``
-             and ``decode_key`` on every message; no faust, no model;
-* direct   — the worker's pipeline without faust, in this process: aiokafka ``getmany`` ->
-             ``Adapter.process`` (decode, `Engine`, encode) on an engine thread -> `OutputSender`
-             (no checkpoints, no offset commits): what the worker could reach without faust's
-             per-message path;
-* naive    — the usual hand-written faust agent (``faust_naive_agent.py --mode naive``): one
-             event at a time, ``json``, states in a faust ``Table``, batch-1 network step, one
-             ``send`` per prediction; timed like the worker, over ``--naive-tokens``;
-* latency  — the same worker, caught up, fed at half its measured maximum for
-             ``--latency-seconds`` by a paced producer in this process: ``latency_s`` that the
-             worker writes (token ``ts`` -> prediction encoded) and end to end (token ``ts`` ->
-             prediction received here), p50 / p99.
+* pipe     — the honest per-message reference: one process, aiokafka ``getmany`` -> msgspec
+             decode -> one produced ~200-byte message per input (``consume_bench.py``'s pipe);
+* ceiling  — a plain aiokafka consumer that decodes and produces nothing;
+* direct   — the worker's pipeline without faust, in this process (aiokafka ``getmany`` ->
+             ``Adapter.process`` on an engine thread -> `OutputSender`; no commits);
+* worker rows — one ``stream-rnn worker`` process drains a pre-produced backlog of ``--tokens``
+             tokens (the sustained maximum: tokens / (last prediction's ``ts`` - first's)),
+             per-token events and ``tokens`` chunks of ``--chunk``, exactly-once (the default)
+             and at-least-once; then, caught up, it is fed by a paced producer in this process
+             at 10/25/50/75 % of that maximum for ``--latency-seconds`` each: latency from the
+             producer's ``ts`` to the prediction as a read_committed reader here receives it;
+* queue / take / events — faust alone: empty agents (``faust_naive_agent.py``);
+* naive    — the usual hand-written faust agent: one event at a time, ``json``, a faust
+             ``Table``, batch-1 network step, one ``send`` per prediction;
+* engine / dense — ``Engine.process`` alone against the same network on dense batches with
+             no bookkeeping (``engine_bench.py``), in this process, one torch thread.
 
-Run: ``.venv/bin/python simulations/broker_bench.py [--tokens N] [--naive-tokens N] [--keys N]
-[--partitions N] [--latency-seconds S] [--worker-env K=V ...] [--out results.json]``.
-``--sweep`` also drains the backlog once per worker setting in ``SWEEP`` (same broker, same
-messages) and prints what each changed. Every row also reports the CPU time its process spent
-per token (all threads, from /proc or ``time.process_time``): on a machine shared with other
-work it moves much less than the rates do.
+The report lists every row with its ratio to the pipe, the latency curve, and issue 10's
+targets, met or missed; ``--plot`` draws the curve (PNG), ``--out`` keeps the JSON.
+
+Run: ``.venv/bin/python simulations/broker_bench.py [--tokens N] [--chunk 16] [--keys N]
+[--partitions N] [--latency-seconds S] [--worker-env K=V ...] [--out results.json]
+[--plot curve.png]``. ``--sweep`` also drains the backlog once per worker setting in ``SWEEP``.
+Every row also reports the CPU time its process spent per token (all threads, from /proc or
+``time.process_time``): on a machine shared with other work it moves much less than rates do.
 """
 
 from __future__ import annotations
@@ -43,10 +41,10 @@ import math
 import os
 import random
 import secrets
-import signal
-import subprocess  # noqa: S404 - our own worker and agent, argument lists
+import statistics
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -62,21 +60,26 @@ from kafka import KafkaConsumer
 from kafka import TopicPartition as KTopicPartition
 
 from stream_rnn.engine.engine import Engine
+from stream_rnn.engine.events import TOKEN, Event
 from stream_rnn.model import ModelConfig, RecurrentModel
-from stream_rnn.ops.kafka_local import LocalKafka, find_free_port
+from stream_rnn.ops.kafka_local import LocalKafka
+from stream_rnn.ops.processes import ManagedProcess, find_free_port, worker_status
 from stream_rnn.ops.settings import Settings
 from stream_rnn.registry.checkpoint import load_checkpoint, save_checkpoint
 from stream_rnn.stream.adapter import Adapter, RawRecord
 from stream_rnn.stream.codec import decode_batch, decode_key, encode_event
-from stream_rnn.stream.messages import TokenEvent
+from stream_rnn.stream.messages import TokenEvent, TokensEvent
 from stream_rnn.stream.sender import OutputSender
 from stream_rnn.stream.topics import TopicLayout, ensure_topics
 from stream_rnn.train.vocab import Vocab
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "simulations"))
+from consume_bench import measure_pipe  # noqa: E402 - sibling scripts
+from engine_bench import build, run_ceiling, run_engine  # noqa: E402
+
 AGENT = REPO / "simulations" / "faust_naive_agent.py"
 POLL_S = 0.25
-STOP_TIMEOUT_S = 30.0
 # Every process this benchmark starts gets these unless --worker-env says otherwise: the broker
 # and the benchmark share the machine's two cores with the process under test.
 BASE_ENV = {"OMP_NUM_THREADS": "1"}
@@ -99,20 +102,23 @@ SWEEP: list[tuple[str, dict[str, str], list[str]]] = [
 
 @dataclass
 class BenchConfig:
-    """Sizes of one run; the defaults take about 4 minutes on 2 shared cores."""
+    """Sizes of one run; the defaults take about 6 minutes on 2 shared cores."""
 
     tokens: int = 200_000
-    naive_tokens: int = 15_000
+    chunk: int = 16
+    naive_tokens: int = 5_000
     keys: int = 10_000
     partitions: int = 4
-    latency_seconds: float = 25.0
-    latency_rate: float | None = None  # tokens/s; None: half the worker's measured maximum
+    latency_seconds: float = 10.0
+    fractions: tuple[float, ...] = (0.10, 0.25, 0.50, 0.75)
+    latency_rate: float | None = None  # tokens/s taken as the maximum (tests); None: measured
+    commit_interval: float = field(default_factory=lambda: Settings().commit_interval_s)
     layers: int = 2
     hidden: int = 128
     embed: int = 64
     vocab: int = 256
     max_batch: int = 1024
-    max_wait: float = 0.05
+    max_wait: float = 0.005
     worker_env: dict[str, str] = field(default_factory=dict)
     worker_args: list[str] = field(default_factory=list)
     faust_refs: bool = True  # the two empty faust agents
@@ -148,6 +154,22 @@ def make_messages(
     return [
         (rng.choice(names), encode_event(TokenEvent(f"t{rng.randrange(vocab - 4)}", when)))
         for _ in range(n)
+    ]
+
+
+def make_chunk_messages(
+    n: int, keys: int, vocab: int, chunk: int, rng: random.Random, ts: float | None = None
+) -> list[tuple[bytes, bytes]]:
+    """``n`` tokens as ``tokens`` events of ``chunk`` tokens each, each chunk to a random key
+    (what `TokenProducer` sends when a key's tokens arrive faster than its linger window)."""
+    names = [f"user-{i}".encode() for i in range(keys)]
+    when = time.time() if ts is None else ts
+    return [
+        (
+            rng.choice(names),
+            encode_event(TokensEvent([f"t{rng.randrange(vocab - 4)}" for _ in range(chunk)], when)),
+        )
+        for _ in range(n // chunk)
     ]
 
 
@@ -189,45 +211,12 @@ async def produce(bootstrap: str, topic: str, messages: Sequence[tuple[bytes, by
 
 
 # ------------------------------------------------------------------------------- processes
-class Proc:
-    """A subprocess with its output in a log file; `stop` is SIGTERM, then SIGKILL."""
-
-    def __init__(self, argv: list[str], log: Path, env: dict[str, str]) -> None:
-        self.log = log
-        full_env = {**os.environ, **BASE_ENV, **env}
-        full_env = {k: v for k, v in full_env.items() if v != ""}  # "" unsets
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen(  # noqa: S603 - argument list
-                argv, cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT
-            )
-
-    def check_alive(self, what: str) -> None:
-        if self.proc.poll() is not None:
-            raise RuntimeError(
-                f"{self.log.stem} exited ({self.proc.returncode}) before {what}:\n{self.tail()}"
-            )
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU time of the process so far (all its threads), from /proc."""
-        try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return float("nan")
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def tail(self, lines: int = 30) -> str:
-        text = self.log.read_text(encoding="utf-8", errors="replace")
-        return "\n".join(text.splitlines()[-lines:])
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
+def _process(argv: list[str], log: Path, env: dict[str, str]) -> ManagedProcess:
+    """``argv`` with BASE_ENV under ``env`` ("" unsets a variable), output in ``log``."""
+    merged = {**BASE_ENV, **env}
+    return ManagedProcess(
+        argv, log, env={k: (v or None) for k, v in merged.items()}, cwd=REPO, name=log.stem
+    )
 
 
 def start_worker(
@@ -239,7 +228,7 @@ def start_worker(
     *,
     env: dict[str, str] | None = None,
     args: Sequence[str] = (),
-) -> tuple[Proc, int]:
+) -> tuple[ManagedProcess, int]:
     """A ``stream-rnn worker`` process on ``layout`` (its own group); returns it and its port."""
     port = find_free_port()
     argv = [
@@ -256,7 +245,7 @@ def start_worker(
         **(env or {}),
     }
     log = workdir / f"worker-{port}.log"
-    return Proc(argv, log, worker_env), port
+    return _process(argv, log, worker_env), port
 
 
 def start_agent(
@@ -268,7 +257,7 @@ def start_agent(
     *,
     model_dir: Path | None = None,
     expect: int = 0,
-) -> tuple[Proc, Path]:
+) -> tuple[ManagedProcess, Path]:
     """``faust_naive_agent.py --mode MODE`` on ``layout``; returns it and its done file."""
     tag = f"{mode}-{secrets.token_hex(3)}"
     done = workdir / f"{tag}.done.json"
@@ -281,27 +270,7 @@ def start_agent(
     ]  # fmt: skip
     if model_dir is not None:
         argv += ["--model", str(model_dir)]
-    return Proc(argv, workdir / f"{tag}.log", cfg.worker_env), done
-
-
-def status(port: int) -> dict[str, Any] | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as resp:  # noqa: S310 - loopback
-            loaded: dict[str, Any] = json.loads(resp.read())
-            return loaded
-    except OSError:
-        return None
-
-
-def wait_for(
-    pred: Callable[[], bool], proc: Proc, what: str, timeout_s: float, poll_s: float = POLL_S
-) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not pred():
-        proc.check_alive(what)
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no {what} within {timeout_s:.0f}s:\n{proc.tail()}")
-        time.sleep(poll_s)
+    return _process(argv, workdir / f"{tag}.log", cfg.worker_env), done
 
 
 # ------------------------------------------------------------------------------- measuring
@@ -362,11 +331,15 @@ def drain_rate(
     bootstrap: str,
     layout: TopicLayout,
     n: int,
-    proc: Proc,
+    proc: ManagedProcess,
     timeout_s: float,
     port: int | None = None,
+    count_field: str = "predictions",
 ) -> dict[str, float]:
     """Wait for ``n`` predictions; tokens/s between the first and the last one (their ``ts``).
+
+    ``count_field``: the worker status field that counts to ``n`` (``tokens`` for chunks, whose
+    predictions are one message per chunk).
 
     With a worker's status ``port``, its own count of predictions says when (offsets count
     transaction markers too); the last transaction then commits within a commit interval.
@@ -379,7 +352,7 @@ def drain_rate(
 
     def done() -> bool:
         if port is not None:
-            total = int((status(port) or {}).get("predictions", 0))
+            total = int((worker_status(port) or {}).get(count_field, 0))
         else:
             total = offsets.total()
         if total:
@@ -387,7 +360,7 @@ def drain_rate(
         return total >= n
 
     try:
-        wait_for(done, proc, f"{n} predictions", timeout_s)
+        proc.wait_for(done, f"{n} predictions", timeout_s, poll_s=POLL_S)
         if port is not None:
             time.sleep(1.0)  # the last transaction commits (0.1 s by default)
         first, last, count = offsets.span("ts")
@@ -418,7 +391,8 @@ def measure_worker(
     env: dict[str, str] | None = None,
     args: Sequence[str] = (),
     keep: bool = False,
-) -> tuple[dict[str, Any], Proc | None, int]:
+    count: str = "predictions",
+) -> tuple[dict[str, Any], ManagedProcess | None, int]:
     """Backlog drain of one worker over ``layout`` (which already holds ``n`` tokens, and
     whose state topic is empty).
 
@@ -427,9 +401,9 @@ def measure_worker(
     proc, port = start_worker(bootstrap, model_dir, layout, cfg, workdir, env=env, args=args)
     try:
         result: dict[str, Any] = drain_rate(
-            bootstrap, layout, n, proc, cfg.drain_timeout_s, port=port
+            bootstrap, layout, n, proc, cfg.drain_timeout_s, port=port, count_field=count
         )
-        result["status"] = status(port) or {}
+        result["status"] = worker_status(port) or {}
         skipped = result["status"].get("skipped_redelivered", 0)
         if skipped:
             raise RuntimeError(
@@ -443,6 +417,53 @@ def measure_worker(
         proc.stop()
         return result, None, port
     return result, proc, port
+
+
+def measure_metrics_drain(
+    bootstrap: str,
+    model_dir: Path,
+    layout: TopicLayout,
+    cfg: BenchConfig,
+    workdir: Path,
+    extra: list[str],
+) -> dict[str, Any]:
+    """A per-token drain; with ``--metrics-port 0`` in ``extra`` a free port is taken and
+    /metrics is fetched once a second while the worker drains (each scrape must succeed)."""
+    args = list(extra)
+    port = None
+    if "--metrics-port" in args:
+        port = find_free_port()
+        args[args.index("--metrics-port") + 1] = str(port)
+    scrapes: list[int] = []
+    stop = threading.Event()
+
+    def scrape() -> None:
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:  # noqa: S310 - loopback
+                    scrapes.append(len(r.read()))
+            except OSError:
+                pass  # not serving yet (the worker is starting)
+            if stop.wait(1.0):
+                return
+
+    scraper = threading.Thread(target=scrape, daemon=True) if port is not None else None
+    if scraper is not None:
+        scraper.start()
+    try:
+        result, _, _ = measure_worker(
+            bootstrap, model_dir, layout, cfg.tokens, cfg, workdir, args=args, count="tokens"
+        )
+    finally:
+        stop.set()
+        if scraper is not None:
+            scraper.join(5)
+    if port is not None:
+        if not scrapes:
+            raise RuntimeError("no /metrics scrape succeeded during the drain")
+        result["scrapes"] = len(scrapes)
+        result["scrape_bytes"] = scrapes[-1]
+    return result
 
 
 def measure_agent(
@@ -459,7 +480,7 @@ def measure_agent(
     try:
         if mode == "naive":
             return drain_rate(bootstrap, layout, n, proc, cfg.drain_timeout_s)
-        wait_for(done.exists, proc, f"{n} messages", cfg.drain_timeout_s)
+        proc.wait_for(done.exists, f"{n} messages", cfg.drain_timeout_s, poll_s=POLL_S)
         timing = json.loads(done.read_text())  # the agent times itself: wall and CPU clocks
         seconds = max(timing["last"] - timing["first"], 1e-9)
         cpu = [(0, timing["cpu_first"]), (n, timing["cpu_last"])]
@@ -557,12 +578,20 @@ class _Pred(msgspec.Struct):
 
 
 async def latency_run(
-    bootstrap: str, layout: TopicLayout, rate: float, seconds: float, cfg: BenchConfig
+    bootstrap: str,
+    layout: TopicLayout,
+    rate: float,
+    seconds: float,
+    cfg: BenchConfig,
+    *,
+    chunk: int = 1,
 ) -> dict[str, Any]:
     """Feed ``rate`` tokens/s for ``seconds`` to a running worker; latency percentiles.
 
     The producer sends the tokens due every 5 ms as one batch per partition, each stamped
-    with its send time; a consumer in the same loop receives the predictions.
+    with its send time; a consumer in the same loop receives the predictions. ``chunk`` > 1:
+    the tokens go as ``tokens`` events of ``chunk`` tokens (one prediction message each,
+    stamped with the chunk's send time).
     """
     decode = msgspec.json.Decoder(_Pred).decode
     # as a reader of an exactly-once worker must read: only committed transactions
@@ -600,14 +629,18 @@ async def latency_run(
         receiver = asyncio.create_task(receive())
         futures: list[asyncio.Future[Any]] = []
         started = time.monotonic()
+
+        def event(now: float) -> bytes:
+            tokens: list[str | int] = [f"t{rng.randrange(cfg.vocab - 4)}" for _ in range(chunk)]
+            if chunk == 1:
+                return encode_event(TokenEvent(tokens[0], now))
+            return encode_event(TokensEvent(tokens, now))
+
         while (elapsed := time.monotonic() - started) < seconds:
-            due = int(rate * elapsed) - sent
+            due = int(rate * elapsed / chunk) - sent  # messages
             if due > 0:
                 now = time.time()
-                batch = [
-                    (rng.choice(names), encode_event(TokenEvent(f"t{rng.randrange(cfg.vocab - 4)}", now)))
-                    for _ in range(due)
-                ]  # fmt: skip
+                batch = [(rng.choice(names), event(now)) for _ in range(due)]
                 futures += await sender.send(layout.tokens, batch)
                 sent += due
             await asyncio.sleep(0.005)
@@ -625,7 +658,8 @@ async def latency_run(
         raise RuntimeError(f"no predictions came back for {sent} paced tokens")
     return {
         "rate_target": rate,
-        "rate_sent": sent / produced_s,
+        "rate_sent": sent * chunk / produced_s,
+        "chunk": chunk,
         "sent": sent,
         "received": len(e2e),
         "worker_latency_s": percentiles(worker_lat),
@@ -635,11 +669,57 @@ async def latency_run(
 
 def percentiles(values: list[float]) -> dict[str, float]:
     q = torch.tensor(values, dtype=torch.float64)
-    p50, p99 = torch.quantile(q, torch.tensor([0.5, 0.99], dtype=torch.float64)).tolist()
-    return {"p50": p50, "p99": p99, "max": float(q.max()), "mean": float(q.mean())}
+    qs = torch.tensor([0.5, 0.95, 0.99], dtype=torch.float64)
+    p50, p95, p99 = torch.quantile(q, qs).tolist()
+    return {"p50": p50, "p95": p95, "p99": p99, "max": float(q.max()), "mean": float(q.mean())}
 
 
 # ------------------------------------------------------------------------------- the run
+# The latency curve: each worker configuration, caught up after its drain, is fed at these
+# fractions of the maximum rate it just measured.
+FRACTIONS = (0.10, 0.25, 0.50, 0.75)
+
+
+def worker_configs(cfg: BenchConfig) -> list[tuple[str, str, list[str], int]]:
+    """(row, title, extra worker flags, tokens per message) of the worker rows."""
+    alo = ["--guarantee", "at-least-once"]
+    return [
+        ("worker", "worker, exactly-once (default), per token", [], 1),
+        ("worker_alo", "worker, at-least-once, per token", alo, 1),
+        ("worker_chunks", f"worker, exactly-once, chunks of {cfg.chunk}", [], cfg.chunk),
+        ("worker_chunks_alo", f"worker, at-least-once, chunks of {cfg.chunk}", alo, cfg.chunk),
+    ]
+
+
+def engine_rows(cfg: BenchConfig, rounds: int = 3) -> dict[str, dict[str, float]]:
+    """`Engine.process` against the dense ceiling (engine_bench.py's two paths), one torch
+    thread as the worker runs it, median of ``rounds`` back-to-back rounds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, manifest = build("cpu", cfg.layers, cfg.hidden, cfg.vocab)
+        rng = random.Random(cfg.seed)  # noqa: S311 - benchmark data
+        keys = [f"user-{i}" for i in range(cfg.keys)]
+        n = min(cfg.tokens, 100_000)
+        events = [
+            Event(rng.choice(keys), TOKEN, token=rng.randrange(4, cfg.vocab), id=f"0:{i}")
+            for i in range(n)
+        ]
+        got = []
+        for _ in range(rounds):
+            engine = run_engine(model, manifest, events, cfg.max_batch, cfg.keys)
+            ceiling = run_ceiling(model, n, cfg.max_batch)
+            got.append((engine, ceiling))
+    finally:
+        torch.set_num_threads(threads)
+    med = statistics.median
+    return {
+        "engine": {"tokens": n, "rate": med(e for e, _ in got)},
+        "dense": {"tokens": n, "rate": med(c for _, c in got)},
+        "engine/dense": {"ratio": med(e / c for e, c in got)},
+    }
+
+
 def run(
     bootstrap: str, cfg: BenchConfig, workdir: Path, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
@@ -647,23 +727,36 @@ def run(
     started = time.monotonic()
     rng = random.Random(cfg.seed)  # noqa: S311 - benchmark data
     model_dir = build_model(workdir / "model", cfg)
-    results: dict[str, Any] = {"config": asdict(cfg), "rows": {}, "loadavg_start": os.getloadavg()}
+    results: dict[str, Any] = {
+        "config": asdict(cfg),
+        "rows": {},
+        "curve": {},
+        "loadavg_start": os.getloadavg(),
+    }
     rows = results["rows"]
 
     messages = make_messages(cfg.tokens, cfg.keys, cfg.vocab, rng)
+    chunks = make_chunk_messages(cfg.tokens, cfg.keys, cfg.vocab, cfg.chunk, rng)
 
-    def fresh_backlog(prefix: str) -> TopicLayout:
+    def fresh_backlog(prefix: str, backlog: list[tuple[bytes, bytes]]) -> TopicLayout:
         # Every worker drain needs topics of its own: a worker restores the keys' states from
         # the tokens topic's state topic and skips the tokens they already hold (exactly-once),
         # so a second worker on the same topics would have nothing left to do.
         layout = stream_topics(bootstrap, prefix, cfg.partitions)
-        rate = asyncio.run(produce(bootstrap, layout.tokens, messages))
-        log(f"produced {cfg.tokens:,} token events at {rate:,.0f}/s to {layout.tokens}")
+        rate = asyncio.run(produce(bootstrap, layout.tokens, backlog))
+        log(f"produced {len(backlog):,} messages at {rate:,.0f}/s to {layout.tokens}")
         return layout
 
-    backlog = fresh_backlog("bench")
+    backlog = fresh_backlog("bench", messages)
+    pipe_out = fresh_outputs(bootstrap, backlog)
+    pipe = asyncio.run(
+        measure_pipe(bootstrap, backlog.tokens, pipe_out.predictions, cfg.tokens, cfg.partitions)
+    )
+    rows["pipe"] = {"tokens": pipe["messages"], "seconds": pipe["seconds"],
+                    "rate": pipe["rate"], "cpu_us_per_token": pipe["cpu_us_per_message"]}  # fmt: skip
+    log(f"pass-through pipe: {rows['pipe']['rate']:,.0f} messages/s")
     rows["ceiling"] = asyncio.run(consume_ceiling(bootstrap, backlog, cfg.tokens))
-    log(f"ceiling: {rows['ceiling']['rate']:,.0f} tokens/s")
+    log(f"consume-only ceiling: {rows['ceiling']['rate']:,.0f} tokens/s")
     if cfg.direct:
         direct = fresh_outputs(bootstrap, backlog)
         rows["direct"] = asyncio.run(
@@ -671,35 +764,45 @@ def run(
         )
         log(f"direct aiokafka + engine loop: {rows['direct']['rate']:,.0f} tokens/s")
 
-    # The worker under each guarantee, back to back on the same messages: backlog drain, then
-    # the latency a read_committed reader sees at half of that guarantee's maximum.
-    for row, latency_key, extra in (
-        ("worker", "latency", []),
-        ("worker_alo", "latency_alo", ["--guarantee", "at-least-once"]),
-    ):
-        worker_topics = fresh_backlog(row)
+    # Each worker configuration: a backlog drain (its maximum), then, caught up, the latency a
+    # read_committed reader sees at FRACTIONS of that maximum.
+    for row, _title, extra, chunk in worker_configs(cfg):
+        topics = fresh_backlog(row, messages if chunk == 1 else chunks)
         rows[row], worker, port = measure_worker(
-            bootstrap, model_dir, worker_topics, cfg.tokens, cfg, workdir, args=extra, keep=True
-        )
+            bootstrap, model_dir, topics, cfg.tokens, cfg, workdir, args=extra, keep=True,
+            count="tokens",
+        )  # fmt: skip
         log(f"{row}: {rows[row]['rate']:,.0f} tokens/s")
         assert worker is not None
+        curve = results["curve"][row] = []
         try:
-            before = status(port) or {}
-            rate = cfg.latency_rate or rows[row]["rate"] / 2
-            results[latency_key] = asyncio.run(
-                latency_run(bootstrap, worker_topics, rate, cfg.latency_seconds, cfg)
-            )
-            after = status(port) or {}
-            lat = results[latency_key]
-            lat["worker"] = {  # what the worker did during the latency run
-                k: after.get(k, 0) - before.get(k, 0)
-                for k in ("batches", "tokens", "checkpoints", "checkpoint_seconds", "busy_s",
-                          "commits", "transactions", "commit_seconds")
-            }  # fmt: skip
-            log(f"{latency_key} at {lat['rate_sent']:,.0f} tokens/s: end to end p50 "
-                f"{lat['end_to_end_s']['p50'] * 1e3:.0f} ms, p99 {lat['end_to_end_s']['p99'] * 1e3:.0f} ms")  # fmt: skip
+            for fraction in cfg.fractions:
+                before = worker_status(port) or {}
+                rate = (cfg.latency_rate or rows[row]["rate"]) * fraction
+                lat = asyncio.run(
+                    latency_run(bootstrap, topics, rate, cfg.latency_seconds, cfg, chunk=chunk)
+                )
+                after = worker_status(port) or {}
+                lat["fraction"] = fraction
+                lat["worker"] = {  # what the worker did during the latency run
+                    k: after.get(k, 0) - before.get(k, 0)
+                    for k in ("batches", "tokens", "checkpoints", "checkpoint_seconds",
+                              "busy_s", "commits", "transactions", "commit_seconds")
+                }  # fmt: skip
+                curve.append(lat)
+                e2e = lat["end_to_end_s"]
+                log(f"  {fraction:.0%} ({lat['rate_sent']:,.0f} tokens/s): end to end p50 "
+                    f"{e2e['p50'] * 1e3:.1f} ms, p99 {e2e['p99'] * 1e3:.1f} ms")  # fmt: skip
         finally:
             worker.stop()
+
+    # The cost of /metrics: the same drain without and with --metrics-port, back to back, the
+    # latter scraped once a second (Prometheus scrapes every 5 s in deploy/).
+    for row, extra in (("metrics_off", []), ("metrics_on", ["--metrics-port", "0"])):
+        rows[row] = measure_metrics_drain(
+            bootstrap, model_dir, fresh_backlog(row, messages), cfg, workdir, extra
+        )
+        log(f"{row}: {rows[row]['rate']:,.0f} tokens/s")
 
     if cfg.faust_refs:
         for mode, row in (
@@ -722,23 +825,75 @@ def run(
         results["sweep"] = []
         for label, env, args in SWEEP:
             got, _, _ = measure_worker(
-                bootstrap, model_dir, fresh_backlog("sweep"), cfg.tokens, cfg, workdir,
-                env=env, args=args,
+                bootstrap, model_dir, fresh_backlog("sweep", messages), cfg.tokens, cfg,
+                workdir, env=env, args=args,
             )  # fmt: skip
             results["sweep"].append({"setting": label, "env": env, "args": args, **got})
             log(f"sweep {label}: {got['rate']:,.0f} tokens/s")
 
+    engine = engine_rows(cfg)
+    rows["engine"], rows["dense"] = engine["engine"], engine["dense"]
+    log(f"engine alone: {rows['engine']['rate']:,.0f} tokens/s, dense ceiling "
+        f"{rows['dense']['rate']:,.0f}")  # fmt: skip
+
     worker_rate = rows["worker"]["rate"]
+    pipe_rate = rows["pipe"]["rate"]
     results["ratios"] = {
-        "worker/ceiling": worker_rate / rows["ceiling"]["rate"],
+        "worker/pipe": worker_rate / pipe_rate,
+        "worker_alo/pipe": rows["worker_alo"]["rate"] / pipe_rate,
+        "worker_chunks/pipe": rows["worker_chunks"]["rate"] / pipe_rate,
+        "worker_chunks_alo/pipe": rows["worker_chunks_alo"]["rate"] / pipe_rate,
         "worker/naive": worker_rate / rows["naive"]["rate"],
         "exactly-once/at-least-once": worker_rate / rows["worker_alo"]["rate"],
+        "engine/dense": engine["engine/dense"]["ratio"],
+        "metrics on/off": rows["metrics_on"]["rate"] / rows["metrics_off"]["rate"],
     }
     if "queue" in rows:
         results["ratios"]["worker/empty faust agent"] = worker_rate / rows["queue"]["rate"]
+    results["commit_interval_s"] = cfg.commit_interval
     results["loadavg_end"] = os.getloadavg()
     results["seconds"] = time.monotonic() - started
     return results
+
+
+def at_fraction(results: dict[str, Any], row: str, fraction: float) -> dict[str, Any] | None:
+    """The latency run of worker ``row`` at ``fraction`` of its maximum, if there is one."""
+    for lat in results["curve"].get(row, []):
+        if abs(lat["fraction"] - fraction) < 1e-9:
+            found: dict[str, Any] = lat
+            return found
+    return None
+
+
+def targets(results: dict[str, Any]) -> list[tuple[str, float, str, bool]]:
+    """(what, measured, target, met) of issue 10's targets."""
+    ratios = results["ratios"]
+    out = [
+        ("per token: worker / pass-through pipe", ratios["worker/pipe"], ">= 0.5",
+         ratios["worker/pipe"] >= 0.5),
+        ("chunks: worker tokens/s / pipe messages/s", ratios["worker_chunks/pipe"], ">= 1.5",
+         ratios["worker_chunks/pipe"] >= 1.5),
+        ("worker / hand-written faust agent", ratios["worker/naive"], ">= 5",
+         ratios["worker/naive"] >= 5),
+        ("engine alone / dense ceiling", ratios["engine/dense"], ">= 0.8",
+         ratios["engine/dense"] >= 0.8),
+        ("worker with /metrics scraped / without (issue 11)", ratios["metrics on/off"],
+         ">= 0.95", ratios["metrics on/off"] >= 0.95),
+    ]  # fmt: skip
+    alo = at_fraction(results, "worker_alo", 0.5)
+    if alo is not None:
+        e2e = alo["end_to_end_s"]
+        out.append(("at-least-once, half rate: p99 end to end (ms)", e2e["p99"] * 1e3, "<= 50",
+                    e2e["p99"] <= 0.050))  # fmt: skip
+        out.append(("at-least-once, half rate: p50 end to end (ms)", e2e["p50"] * 1e3, "<= 15",
+                    e2e["p50"] <= 0.015))  # fmt: skip
+    eo = at_fraction(results, "worker", 0.5)
+    if eo is not None:
+        bound = results["commit_interval_s"] + 0.050
+        p99 = eo["end_to_end_s"]["p99"]
+        out.append(("exactly-once, half rate: p99 read_committed (ms)", p99 * 1e3,
+                    f"<= {bound * 1e3:.0f}", p99 <= bound))  # fmt: skip
+    return out
 
 
 def report(results: dict[str, Any]) -> str:
@@ -748,53 +903,47 @@ def report(results: dict[str, Any]) -> str:
         f"{cfg['partitions']} partitions, max_batch {cfg['max_batch']}, max_wait "
         f"{cfg['max_wait']}s, worker env {BASE_ENV | cfg['worker_env']}, "
         f"load average {results['loadavg_start'][0]:.1f} -> {results['loadavg_end'][0]:.1f}",
-        f"{'path':<44} {'messages':>9} {'tokens/s':>10} {'worker / it':>12} {'CPU us/token':>13}",
+        "",
+        f"{'path':<52} {'tokens':>9} {'tokens/s':>10} {'vs pipe':>8} {'CPU us/token':>13}",
     ]
     names = {
-        "worker": "stream-rnn worker, exactly-once (drain)",
-        "worker_alo": "stream-rnn worker, at-least-once (drain)",
+        **{row: title for row, title, _, _ in worker_configs(BenchConfig(chunk=cfg["chunk"]))},
+        "pipe": "pass-through pipe: aiokafka + decode + 1 produce/msg",
+        "direct": "aiokafka + Adapter/Engine + sender, no faust",
+        "ceiling": "aiokafka getmany + decode, produces nothing",
         "queue": "faust agent, worker's take_batches, empty",
         "take": "faust take_events, empty agent",
         "events": "faust stream.events(), empty agent",
-        "direct": "aiokafka + Adapter/Engine + sender, no faust",
-        "ceiling": "aiokafka getmany + decode (ceiling)",
         "naive": "hand-written faust agent (naive)",
+        "metrics_off": "worker, exactly-once, per token (metrics pair: off)",
+        "metrics_on": "worker, same, --metrics-port scraped every 1 s",
+        "engine": "Engine.process alone (in process, 1 thread)",
+        "dense": "dense ceiling: same network, no bookkeeping",
     }
-    worker = rows["worker"]["rate"]
+    pipe = rows["pipe"]["rate"]
     for key, name in names.items():
         if key in rows:
             row = rows[key]
+            cpu = row.get("cpu_us_per_token", float("nan"))
             lines.append(
-                f"{name:<44} {row['tokens']:>9,} {row['rate']:>10,.0f} "
-                f"{worker / row['rate']:>11.2f}x {row['cpu_us_per_token']:>13.1f}"
+                f"{name:<52} {row['tokens']:>9,} {row['rate']:>10,.0f} "
+                f"{row['rate'] / pipe:>7.2f}x {cpu:>13.1f}"
             )
-    ratios = results["ratios"]
-    lines.append(
-        f"targets: worker/ceiling >= 0.5 ({ratios['worker/ceiling']:.2f}), "
-        f"worker/naive >= 5 ({ratios['worker/naive']:.1f}), exactly-once/at-least-once >= 0.8 "
-        f"({ratios['exactly-once/at-least-once']:.2f})"
-    )
-    for guarantee, latency_key in (("exactly-once", "latency"), ("at-least-once", "latency_alo")):
-        lat = results[latency_key]
-        done = lat.get("worker", {})
-        if done.get("batches"):
+    lines += ["", "latency, producer ts -> prediction read (read_committed), by offered load:",
+              f"{'worker':<44} {'load':>5} {'tokens/s':>9} {'p50 ms':>7} {'p95 ms':>7} "
+              f"{'p99 ms':>7} {'max ms':>7} {'batch':>6}"]  # fmt: skip
+    for row, title, _, _ in worker_configs(BenchConfig(chunk=cfg["chunk"])):
+        for lat in results["curve"].get(row, []):
+            e2e, done = lat["end_to_end_s"], lat.get("worker", {})
+            batch = done["tokens"] / done["batches"] if done.get("batches") else float("nan")
             lines.append(
-                f"{guarantee} latency run: {done['batches']} micro-batches of "
-                f"{done['tokens'] / done['batches']:.0f} tokens on average, "
-                f"{done.get('commits', 0)} commits ({done.get('transactions', 0)} transactions, "
-                f"{done.get('commit_seconds', 0.0):.1f} s), {done['checkpoints']} checkpoints "
-                f"({done['checkpoint_seconds']:.1f} s)"
+                f"{title:<44} {lat['fraction']:>5.0%} {lat['rate_sent']:>9,.0f} "
+                f"{e2e['p50'] * 1e3:>7.1f} {e2e['p95'] * 1e3:>7.1f} {e2e['p99'] * 1e3:>7.1f} "
+                f"{e2e['max'] * 1e3:>7.1f} {batch:>6.0f}"
             )
-        for what, key in (
-            ("worker latency_s", "worker_latency_s"),
-            ("read_committed reader", "end_to_end_s"),
-        ):
-            p = lat[key]
-            lines.append(
-                f"{guarantee} latency at {lat['rate_sent']:,.0f} tokens/s ({lat['received']:,} "
-                f"predictions), {what}: p50 {p['p50'] * 1e3:.1f} ms, p99 {p['p99'] * 1e3:.1f} ms, "
-                f"max {p['max'] * 1e3:.1f} ms"
-            )
+    lines += ["", "targets (issue 10):"]
+    for what, value, target, met in targets(results):
+        lines.append(f"  {what:<50} {value:>9.2f}  target {target:<8} {'met' if met else 'MISSED'}")
     for entry in results.get("sweep", []):
         lines.append(
             f"sweep: {entry['setting']:<40} {entry['rate']:>8,.0f} tokens/s, "
@@ -802,6 +951,36 @@ def report(results: dict[str, Any]) -> str:
         )
     lines.append(f"total {results['seconds']:.0f} s")
     return "\n".join(lines)
+
+
+def plot_curve(results: dict[str, Any], path: Path) -> None:
+    """Latency (p50 solid, p99 dashed) against offered tokens/s, one colour per worker row."""
+    import matplotlib  # noqa: PLC0415 - only when a plot is asked for
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for row, title, _, _ in worker_configs(BenchConfig(chunk=results["config"]["chunk"])):
+        curve = results["curve"].get(row, [])
+        if not curve:
+            continue
+        x = [lat["rate_sent"] for lat in curve]
+        (line,) = ax.plot(x, [lat["end_to_end_s"]["p50"] * 1e3 for lat in curve], "o-",
+                          label=f"{title}: p50")  # fmt: skip
+        ax.plot(x, [lat["end_to_end_s"]["p99"] * 1e3 for lat in curve], "s--",
+                color=line.get_color(), label=f"{title}: p99")  # fmt: skip
+    ax.axhline(50, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_xlabel("offered load (tokens/s; points at 10/25/50/75 % of each row's maximum)")
+    ax.set_ylabel("producer ts -> prediction read, ms (log)")
+    ax.set_yscale("log")
+    ax.set_title("stream-rnn worker latency by load (GRU 2x128, 10k keys, 4 partitions, CPU)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _finite(value: Any) -> Any:
@@ -830,8 +1009,9 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=defaults.keys)
     parser.add_argument("--partitions", type=int, default=defaults.partitions)
     parser.add_argument("--latency-seconds", type=float, default=defaults.latency_seconds)
-    parser.add_argument("--latency-rate", type=float, default=None,
-                        help="tokens/s of the latency run (default: half the worker's maximum)")  # fmt: skip
+    parser.add_argument("--chunk", type=int, default=defaults.chunk, help="tokens per chunk")
+    parser.add_argument("--fractions", type=float, nargs="+", default=list(defaults.fractions),
+                        help="latency runs at these fractions of each worker's maximum")  # fmt: skip
     parser.add_argument("--max-batch", type=int, default=defaults.max_batch)
     parser.add_argument("--max-wait", type=float, default=defaults.max_wait)
     parser.add_argument("--worker-env", type=_env_pair, action="append", default=[],
@@ -842,6 +1022,7 @@ def main() -> None:
     parser.add_argument("--no-direct", action="store_true", help="skip the faust-less loop")
     parser.add_argument("--sweep", action="store_true", help="one drain per setting in SWEEP")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    parser.add_argument("--plot", type=Path, default=None, help="write the latency curve PNG")
     args = parser.parse_args()
     cfg = BenchConfig(
         tokens=args.tokens,
@@ -849,7 +1030,8 @@ def main() -> None:
         keys=args.keys,
         partitions=args.partitions,
         latency_seconds=args.latency_seconds,
-        latency_rate=args.latency_rate,
+        chunk=args.chunk,
+        fractions=tuple(args.fractions),
         max_batch=args.max_batch,
         max_wait=args.max_wait,
         worker_env=dict(args.worker_env),
@@ -868,6 +1050,8 @@ def main() -> None:
         finally:
             kafka.stop()
     print(report(results))
+    if args.plot:
+        plot_curve(results, args.plot)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(_finite(results), indent=2) + "\n")

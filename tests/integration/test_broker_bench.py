@@ -30,44 +30,58 @@ def load_bench() -> ModuleType:
 def test_every_path_of_the_broker_benchmark_measures(kafka_broker: str, tmp_path: Path) -> None:
     bench = load_bench()
     # A 2,000-token drain is too short to measure a maximum; a fixed latency rate keeps the
-    # latency run small whatever the drain measured.
+    # latency runs small whatever the drains measured.
     cfg = bench.BenchConfig(
         tokens=2_000,
+        chunk=8,
         naive_tokens=200,
         keys=100,
-        latency_seconds=3.0,
+        latency_seconds=2.0,
         latency_rate=500.0,
+        fractions=(0.5,),
         drain_timeout_s=120.0,
     )
     results = bench.run(kafka_broker, cfg, tmp_path, log=lambda _line: None)
 
     rows = results["rows"]
-    assert set(rows) == {
-        "worker", "worker_alo", "ceiling", "direct", "queue", "take", "events", "naive"
+    workers = {"worker", "worker_alo", "worker_chunks", "worker_chunks_alo"}
+    assert set(rows) == workers | {
+        "pipe", "ceiling", "direct", "queue", "take", "events", "naive", "engine", "dense",
+        "metrics_off", "metrics_on",
     }  # fmt: skip
     for name, row in rows.items():
         want = cfg.naive_tokens if name == "naive" else cfg.tokens
         assert row["tokens"] >= want, (name, row)
         assert row["rate"] > 0 and math.isfinite(row["rate"]), (name, row)
         # NaN when one poll saw the whole (tiny) drain; never negative
-        assert not row["cpu_us_per_token"] < 0, (name, row)
-    assert rows["worker"]["status"]["dead_letters"] == {}
+        assert not row.get("cpu_us_per_token", 0) < 0, (name, row)
+    for name in workers:
+        assert rows[name]["status"]["dead_letters"] == {}, name
+        assert rows[name]["status"]["tokens"] >= cfg.tokens, name
     assert rows["worker"]["status"]["guarantee"] == "exactly-once"
     assert rows["worker_alo"]["status"]["guarantee"] == "at-least-once"
     assert rows["worker"]["status"]["transactions"] > 0
+    # chunks: one message per chunk, every token counted
+    assert rows["worker_chunks"]["status"]["messages"] == cfg.tokens // cfg.chunk
     ratios = results["ratios"]
-    assert ratios["worker/ceiling"] > 0 and ratios["worker/naive"] > 0
-    assert ratios["exactly-once/at-least-once"] > 0
+    for name in ("worker/pipe", "worker_chunks/pipe", "worker/naive", "engine/dense"):
+        assert ratios[name] > 0, name
 
-    for key in ("latency", "latency_alo"):
-        latency = results[key]
-        # read_committed: every paced token's prediction arrives, once
-        assert latency["sent"] > 0 and latency["received"] == latency["sent"], latency
+    assert set(results["curve"]) == workers
+    for name, curve in results["curve"].items():
+        [latency] = curve
+        assert latency["fraction"] == 0.5 and latency["rate_target"] == 250.0
+        # read_committed: every paced message's prediction arrives, once
+        assert latency["sent"] > 0 and latency["received"] == latency["sent"], (name, latency)
         for which in ("worker_latency_s", "end_to_end_s"):
             p = latency[which]
-            assert 0 <= p["p50"] <= p["p99"] <= p["max"], (key, which, p)
+            assert 0 <= p["p50"] <= p["p95"] <= p["p99"] <= p["max"], (name, which, p)
         # the worker's own latency stops before delivery; end to end includes it
         assert latency["worker_latency_s"]["p50"] <= latency["end_to_end_s"]["p50"]
 
     text = bench.report(results)
-    assert "targets:" in text and "exactly-once latency at" in text
+    assert "targets (issue 10):" in text and "worker, at-least-once, chunks of 8" in text
+    assert len(bench.targets(results)) == 8
+    assert rows["metrics_on"]["scrapes"] >= 1 and rows["metrics_on"]["scrape_bytes"] > 1000
+    bench.plot_curve(results, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
