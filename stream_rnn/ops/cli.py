@@ -64,6 +64,9 @@ def _register() -> None:
     from stream_rnn.ops.cli_retrain import retrain_cmd
 
     cli.add_command(retrain_cmd)
+    from stream_rnn.ops.settings_doc import settings_cmd
+
+    cli.add_command(settings_cmd)
 
 
 _register()
