@@ -87,7 +87,18 @@ def test_ended_keys_leave_nothing_on_the_state_topic(
         f"{len(live)} ended keys still have a live state record, e.g. {next(iter(live))}"
     )
     # Compaction drops the states, then (after delete.retention.ms) the tombstones; only the
-    # partitions' active segments (never cleaned) keep theirs.
+    # partitions' active segments (never cleaned) keep theirs. A segment rolls only when a
+    # record arrives after segment.ms: with the worker stopped, the last transactions (large
+    # ones when the worker runs flat out) would stay in the active segments for ever. One
+    # tombstone per partition rolls them, as the next writes of a live stream would.
+    time.sleep(1.0)
+    roller = new_producer(kafka_broker)
+    try:
+        for p in range(PARTITIONS):
+            roller.send(state, key=b"segment-roll", value=None, partition=p)
+        roller.flush(timeout=30)
+    finally:
+        roller.close(timeout=30)
     written = sum(end_offsets(kafka_broker, state, PARTITIONS).values())
     deadline = time.monotonic() + COMPACTION_S
     remaining = count_records(kafka_broker, state, PARTITIONS)
