@@ -67,6 +67,9 @@ def _register() -> None:
     from stream_rnn.ops.settings_doc import settings_cmd
 
     cli.add_command(settings_cmd)
+    from stream_rnn.ops.cli_replay import replay_cmd
+
+    cli.add_command(replay_cmd)
 
 
 _register()

@@ -1,0 +1,237 @@
+"""``stream-rnn replay``: recorded sequences through the system with their timing, and a report.
+
+Example::
+
+    stream-rnn replay --data events.jsonl --model runs/lang --speed 10 --report runs/replay
+    stream-rnn replay --data valid.jsonl --to kafka --rate 500 --registry runs/registry \\
+        --out streamed.jsonl --report runs/replay-kafka
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from stream_rnn.ops.cli_options import data_option
+from stream_rnn.ops.settings import Settings, get_settings
+
+console = Console(stderr=True, soft_wrap=True)
+
+
+class RichReplayProgress:
+    """Two bars on stderr: messages sent, and messages answered of those that must be."""
+
+    def __init__(self) -> None:
+        self.bars = Progress(
+            TextColumn("{task.description:<9}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        )
+        self.sent: TaskID | None = None
+        self.answered: TaskID | None = None
+
+    def start(self, total: int, expected: int) -> None:
+        self.sent = self.bars.add_task("sent", total=total)
+        self.answered = self.bars.add_task("answered", total=expected)
+        self.bars.start()
+
+    def update(self, sent: int, answered: int) -> None:
+        if self.sent is not None and self.answered is not None:
+            self.bars.update(self.sent, completed=sent)
+            self.bars.update(self.answered, completed=answered)
+
+    def close(self) -> None:
+        self.bars.stop()
+
+
+@click.command("replay")
+@data_option
+@click.option("--speed", type=float, default=None,
+              help="event logs: recorded inter-arrival times divided by this (default 1)")  # fmt: skip
+@click.option("--rate", type=float, default=None,
+              help="tokens per second, spread evenly (whole sequences: default 1000)")  # fmt: skip
+@click.option("--max", "fast", is_flag=True, help="as fast as possible")
+@click.option("--to", "target", type=click.Choice(["inproc", "kafka"]), default="inproc",
+              show_default=True, help="in process through the engine, or a live system")  # fmt: skip
+@click.option("--bootstrap", default=None, metavar="HOST:PORT",
+              help="kafka: bootstrap address (default $STREAM_RNN_BOOTSTRAP)")  # fmt: skip
+@click.option("--topic", default=None, help="kafka: tokens topic (default from settings)")
+@click.option("--predictions-topic", default=None, help="kafka: predictions topic")
+@click.option("--dead-letter-topic", default=None, help="kafka: dead-letter topic")
+@click.option("--model", "model_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="checkpoint to serve (inproc) and to check against (or --registry)")  # fmt: skip
+@click.option("--registry", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="registry: its production version (inproc); any version named by a "
+              "prediction is checked against (default $STREAM_RNN_REGISTRY)")  # fmt: skip
+@click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
+              help="predictions as `stream-rnn score` lines (JSONL)")  # fmt: skip
+@click.option("--report", "report_dir", default=None, type=click.Path(file_okay=False),
+              help="write report.md, report.html and PNG plots here")  # fmt: skip
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="whole sequences: interleaving of the keys")  # fmt: skip
+@click.option("--timeout", "timeout_s", type=float, default=30.0, show_default=True,
+              help="kafka: give up after this many seconds without a new answer")  # fmt: skip
+@click.option("--capacity", type=click.IntRange(min=1), default=None,
+              help="inproc: state pool capacity (default $STREAM_RNN_CAPACITY)")  # fmt: skip
+@click.option("--ttl", "ttl_s", type=float, default=None,
+              help="inproc: idle keys leave memory after S seconds of replay time")  # fmt: skip
+@click.option("--max-batch", type=click.IntRange(min=1), default=None,
+              help="inproc: largest micro-batch (default $STREAM_RNN_MAX_BATCH)")  # fmt: skip
+@click.option("--storage", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="inproc: dtype of resident states (default $STREAM_RNN_STORAGE)")  # fmt: skip
+@click.option("--running-estimate", is_flag=True,
+              help="inproc, classify: a label estimate per token")  # fmt: skip
+@click.option("--device", default=None, help="inproc: cpu, cuda, cuda:N")
+@click.option("--history", type=click.IntRange(min=0), default=None,
+              help="the workers' token history, to check a rewarm swap (default "
+              "$STREAM_RNN_HISTORY)")  # fmt: skip
+def replay_cmd(**opts: Any) -> None:
+    """Replay recorded sequences (whole-sequence JSONL or an event log) with their timing.
+
+    In process through the engine (--to inproc, no broker) or into the tokens topic of a live
+    system (--to kafka). Writes the predictions in the `score` line format (--out) and a
+    report with plots (--report); prints a summary. Exits 1 if a guarantee check fails.
+    """
+    from stream_rnn.replay.exceptions import ReplayError
+
+    try:
+        _replay(get_settings(), **opts)
+    except ReplayError as err:
+        raise click.ClickException(str(err)) from err
+
+
+def _replay(settings: Settings, **o: Any) -> None:
+    from stream_rnn.replay.analysis import analyse
+    from stream_rnn.replay.report import summary_table, write_report
+    from stream_rnn.replay.schedule import Timing, build_schedule
+
+    if sum(x is not None for x in (o["speed"], o["rate"])) + o["fast"] > 1:
+        raise click.UsageError("give at most one of --speed, --rate and --max")
+    device = o["device"] or settings.device
+    model, manifest, load = _models(o["model_dir"], o["registry"] or settings.registry, device)
+    level = manifest.vocab["level"]
+    timing = Timing(speed=o["speed"] or 1.0, rate=o["rate"], fast=o["fast"])
+    schedule = build_schedule(o["data"], level=level, timing=timing, seed=o["seed"])
+    console.print(
+        f"replaying {len(schedule.events):,} messages ({schedule.tokens:,} tokens, "
+        f"{schedule.keys:,} keys, {schedule.duration:.1f} s scheduled) {o['target']}, "
+        f"{timing.describe(schedule.source)}, model {manifest.version}"
+    )
+    running = bool(o["running_estimate"] or settings.running_estimate)
+    if o["target"] == "inproc":
+        result = _run_inproc(settings, o, schedule, model, manifest, running)
+    else:
+        result = _run_kafka(settings, o, schedule, model.config.task)
+    history = o["history"] if o["history"] is not None else settings.history
+    analysis = analyse(
+        schedule,
+        result,
+        task=model.config.task,
+        load=load,
+        running_estimate=running,
+        history=history,
+    )
+    if o["out_path"]:
+        with Path(o["out_path"]).open("w", encoding="utf-8") as fh:
+            for line in analysis.lines:
+                fh.write(json.dumps(line, ensure_ascii=False) + "\n")
+        console.print(f"{len(analysis.lines):,} lines -> {o['out_path']}")
+    if o["report_dir"]:
+        paths = write_report(Path(o["report_dir"]), analysis, title=f"Replay of {o['data']}")
+        console.print(f"report -> {paths[0]} (+ {', '.join(p.name for p in paths[1:])})")
+    console.print(summary_table(analysis))
+    if not analysis.passed:
+        failed = [c.name for c in analysis.checks if c.passed is False]
+        console.print(f"[bold red]guarantee checks failed:[/bold red] {'; '.join(failed)}")
+        sys.exit(1)
+
+
+def _models(model_dir: str | None, registry_dir: Path, device: str) -> Any:
+    """(model, manifest, load(version)) from --model, else the registry's production version."""
+    from stream_rnn.registry.checkpoint import load_checkpoint
+    from stream_rnn.registry.exceptions import RegistryError
+    from stream_rnn.registry.versions import Registry
+
+    if model_dir is not None:
+        model, manifest = load_checkpoint(model_dir, device=device)
+        return model, manifest, lambda v: (model, manifest) if v == manifest.version else None
+    registry = Registry(registry_dir)
+    current = registry.production() if registry_dir.is_dir() else None
+    if current is None:
+        raise click.UsageError(
+            f"no model: give --model DIR, or --registry DIR with a production version "
+            f"(the registry at {registry_dir} has none)"
+        )
+    model, manifest = load_checkpoint(registry.path(current), device=device)
+    cache: dict[str, Any] = {current: (model, manifest)}
+
+    def load(version: str) -> Any:
+        if version not in cache:
+            try:
+                cache[version] = load_checkpoint(registry.path(version), device=device)
+            except RegistryError:
+                cache[version] = None
+        return cache[version]
+
+    return model, manifest, load
+
+
+def _run_inproc(
+    settings: Settings, o: dict[str, Any], schedule: Any, model: Any, manifest: Any, running: bool
+) -> Any:
+    from stream_rnn.engine.engine import Engine
+    from stream_rnn.replay.inproc import InprocOptions, run_inproc
+
+    engine = Engine(
+        model,
+        manifest,
+        capacity=o["capacity"] or settings.capacity,
+        ttl_s=o["ttl_s"] if o["ttl_s"] is not None else settings.ttl_s,
+        storage=o["storage"] or settings.storage,
+        running_estimate=running,
+    )
+    options = InprocOptions(
+        fast=schedule.timing.fast,
+        max_batch=o["max_batch"] or settings.max_batch,
+        expire_interval_s=settings.expire_interval_s,
+        unknown=settings.unknown_token,
+        max_bytes=settings.max_message_bytes,
+        max_tokens=settings.max_chunk_tokens,
+    )
+    return run_inproc(schedule, engine, options=options, progress=RichReplayProgress())
+
+
+def _run_kafka(settings: Settings, o: dict[str, Any], schedule: Any, task: str) -> Any:
+    from stream_rnn.replay.kafka import ReplayTopics, run_kafka
+    from stream_rnn.replay.schedule import answer_expected, tokens_answered
+
+    topics = ReplayTopics(
+        o["topic"] or settings.tokens_topic,
+        o["predictions_topic"] or settings.predictions_topic,
+        o["dead_letter_topic"] or settings.dead_letter_topic,
+    )
+    running = bool(o["running_estimate"] or settings.running_estimate)
+    return run_kafka(
+        schedule,
+        bootstrap=o["bootstrap"] or settings.bootstrap,
+        topics=topics,
+        expected=answer_expected(schedule, tokens_answered(task, running)),
+        timeout_s=o["timeout_s"],
+        progress=RichReplayProgress(),
+    )
