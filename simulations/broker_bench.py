@@ -1023,6 +1023,10 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="one drain per setting in SWEEP")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     parser.add_argument("--plot", type=Path, default=None, help="write the latency curve PNG")
+    parser.add_argument("--readme", type=Path, default=None,
+                        help="rewrite this README's broker-bench block with the report")  # fmt: skip
+    parser.add_argument("--from-json", type=Path, default=None,
+                        help="no run: the report of a saved --out file")  # fmt: skip
     args = parser.parse_args()
     cfg = BenchConfig(
         tokens=args.tokens,
@@ -1040,21 +1044,45 @@ def main() -> None:
         direct=not args.no_direct,
         sweep=args.sweep,
     )
-    with tempfile.TemporaryDirectory(prefix="broker-bench-") as tmp:
-        workdir = Path(tmp)
-        kafka = LocalKafka(workdir / "kafka")
-        bootstrap = kafka.start().bootstrap
-        print(f"local broker at {bootstrap}", flush=True)
-        try:
-            results = run(bootstrap, cfg, workdir, log=lambda s: print(s, flush=True))
-        finally:
-            kafka.stop()
+    if args.from_json is not None:  # no run: report (and README, plot) from a saved one
+        results = json.loads(args.from_json.read_text())
+    else:
+        with tempfile.TemporaryDirectory(prefix="broker-bench-") as tmp:
+            workdir = Path(tmp)
+            kafka = LocalKafka(workdir / "kafka")
+            bootstrap = kafka.start().bootstrap
+            print(f"local broker at {bootstrap}", flush=True)
+            try:
+                results = run(bootstrap, cfg, workdir, log=lambda s: print(s, flush=True))
+            finally:
+                kafka.stop()
     print(report(results))
     if args.plot:
         plot_curve(results, args.plot)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(_finite(results), indent=2) + "\n")
+    if args.readme:
+        write_readme(args.readme, results, args.plot)
+
+
+README_START = "<!-- broker-bench:start -->"
+README_END = "<!-- broker-bench:end -->"
+
+
+def write_readme(readme: Path, results: dict[str, Any], plot: Path | None) -> None:
+    """Replace the README's block between the broker-bench markers with this run's report."""
+    text = readme.read_text(encoding="utf-8")
+    if README_START not in text or README_END not in text:
+        raise SystemExit(f"{readme} has no {README_START} ... {README_END} block to rewrite")
+    head, _, rest = text.partition(README_START)
+    _, _, tail = rest.partition(README_END)
+    body = ["", "```text", report(results), "```"]
+    if plot is not None:
+        link = os.path.relpath(plot.resolve(), readme.resolve().parent)
+        body += ["", f"![latency by offered load]({link})"]
+    readme.write_text(head + README_START + "\n".join(body) + "\n" + README_END + tail)
+    print(f"{readme}: broker benchmark block rewritten", flush=True)
 
 
 if __name__ == "__main__":

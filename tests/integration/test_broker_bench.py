@@ -83,5 +83,11 @@ def test_every_path_of_the_broker_benchmark_measures(kafka_broker: str, tmp_path
     assert "targets (issue 10):" in text and "worker, at-least-once, chunks of 8" in text
     assert len(bench.targets(results)) == 8
     assert rows["metrics_on"]["scrapes"] >= 1 and rows["metrics_on"]["scrape_bytes"] > 1000
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{bench.README_START}\nold\n{bench.README_END}\nafter\n")
+    bench.write_readme(readme, results, tmp_path / "curve.png")
+    rewritten = readme.read_text()
+    assert "old" not in rewritten and rewritten.endswith("after\n")
+    assert "targets (issue 10):" in rewritten and "](curve.png)" in rewritten
     bench.plot_curve(results, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
