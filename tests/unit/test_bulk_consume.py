@@ -3,7 +3,7 @@
 The drain loop's fetch is faust's own; what is tested here is what happens to fetched records:
 order, the queue's maxsize, and rebalances that start while the bulk path waits for room (the
 same synchronous steps faust's ``App._on_partitions_revoked`` takes). The real-broker tests
-(tests/integration/test_bulk_consume.py) run the whole loop.
+(tests/integration/test_bulk_consume_broker.py) run the whole loop.
 """
 
 from __future__ import annotations
