@@ -67,6 +67,7 @@ from stream_rnn.stream.adapter import Adapter, Outputs, RawRecord
 from stream_rnn.stream.commit import EXIT_SOFTWARE, CommitProtocol, Decision
 from stream_rnn.stream.durable import DurableState
 from stream_rnn.stream.executor import engine_executor
+from stream_rnn.stream.memory import resident_bytes, trim_heap
 from stream_rnn.stream.sender import OutputSender
 from stream_rnn.stream.sensors import CountingSensor, LiveFigures, MetricsServer
 from stream_rnn.stream.state import StateWriter
@@ -78,6 +79,9 @@ from stream_rnn.stream.worker_options import WorkerOptions
 __all__ = ["StreamWorker"]
 
 log = logging.getLogger("stream_rnn.worker")
+
+
+TRIM_IDLE_S = 1.0  # the heap is trimmed after this long without a micro-batch
 
 
 async def _no_commit(offsets: dict[int, int]) -> bool:
@@ -186,6 +190,9 @@ class StreamWorker(CommitMixin):
         self.lag: dict[int, int] = {}
         self._last_expire = time.monotonic()
         self._last_stats = (time.monotonic(), 0)
+        self._last_batch = time.monotonic()  # when the last micro-batch ended
+        self._trimmed_at = 0  # tokens processed when the heap was last trimmed
+        self.heap_trims = 0
 
     # ------------------------------------------------------------------ clients
     async def start_clients(self) -> None:
@@ -299,6 +306,7 @@ class StreamWorker(CommitMixin):
             for partition, offset in last.items():
                 self.protocol.processed(partition, offset)
                 self.next_offsets[partition] = offset + 1
+            self._last_batch = time.monotonic()
 
     def _compute(self, records: list[RawRecord]) -> Outputs:
         out = self.adapter.process(records, self.engine)
@@ -420,6 +428,18 @@ class StreamWorker(CommitMixin):
                 loop = asyncio.get_running_loop()
                 await loop.run_in_executor(self._executor, self._maybe_expire)
 
+    def trim_when_idle(self, idle_s: float = TRIM_IDLE_S) -> bool:
+        """Timer hook: once per idle period (no micro-batch for ``idle_s`` after some tokens),
+        give the heap's free pages back to the system (see stream/memory.py); whether it did."""
+        tokens = self.sensor.tokens
+        if tokens == self._trimmed_at or time.monotonic() - self._last_batch < idle_s:
+            return False
+        self._trimmed_at = tokens
+        if trim_heap():
+            self.heap_trims += 1
+            return True
+        return False
+
     def log_stats(self) -> None:
         s = self.sensor
         then, tokens_then = self._last_stats
@@ -467,6 +487,8 @@ class StreamWorker(CommitMixin):
             "evictions": self.engine.pool.evictions,
             "pool_restores": self.engine.pool.restores,
             "rebalances": s.rebalances,
+            "rss_bytes": resident_bytes(),
+            "heap_trims": self.heap_trims,
             "lag": dict(self.lag),
             # upper bounds of the histogram buckets that hold them (see /metrics for the rest)
             "latency_p50_s": s.latency.quantile(0.5),

@@ -167,6 +167,7 @@ def build_app(opts: WorkerOptions, worker: StreamWorker | None = None) -> faust.
     @app.timer(LAG_INTERVAL_S)
     async def refresh_lag() -> None:
         worker.refresh_lag(fb.highwaters(app, opts.tokens_topic))
+        worker.trim_when_idle()
 
     if opts.registry is not None:
         key = load_update_key(opts.update_key_file) if opts.update_key_file else None

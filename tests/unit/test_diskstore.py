@@ -138,3 +138,29 @@ def test_pool_retires_keys_stored_on_disk(tmp_path: Path) -> None:
     assert pool.known("a") and pool.known("b")
     assert pool.retire(now_wall=time.time() + 3600) == 1  # a, on disk; b is resident
     assert pool.take_deleted() == [("a", -1, -1)] and len(store) == 0 and "b" in pool
+
+
+def test_pending_states_wait_in_the_file_not_in_memory(tmp_path: Path) -> None:
+    store = DiskStateStore(tmp_path / "s.db")
+    states = {
+        f"k{i}": StoredState(
+            h=torch.randn(2, 4), c=torch.randn(2, 4), seq=i, pos=i + 1, offset=i, partition=i % 2
+        )
+        for i in range(1_200)  # more than one SELECT's worth of keys
+    }
+    for key, state in states.items():
+        store.put(key, state)
+    # what waits for the checkpoint is the key's partition only; the tensors are in the file
+    assert store.pending == {k: s.partition for k, s in states.items()}
+    store.pop("k3")  # pending, then back in the pool (admitted clean): still written
+    store.put("k5", states["k7"])  # a newer state replaces the pending one
+    store.delete("k9")  # deleted: the caller writes a tombstone instead
+    taken = dict(store.take_pending(partition=1))
+    assert sorted(taken) == sorted(k for k in states if states[k].partition == 1 and k != "k9")
+    for key, state in taken.items():
+        want = states["k7"] if key == "k5" else states[key]
+        assert torch.equal(state.h, want.h) and torch.equal(state.c, want.c)
+        assert (state.seq, state.pos, state.offset) == (want.seq, want.pos, want.offset)
+    rest = dict(store.take_pending())
+    assert sorted(rest) == sorted(k for k in states if states[k].partition == 0)
+    assert torch.equal(rest["k0"].h, states["k0"].h) and store.take_pending() == []

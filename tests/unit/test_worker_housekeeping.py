@@ -85,3 +85,17 @@ def test_an_unexpected_error_in_a_commit_ends_it_and_exits(tmp_path: Path, guara
     assert exits == [EXIT_SOFTWARE]
     assert worker.protocol.in_flight is None  # no later commit meets a stale plan
     worker.close()
+
+
+def test_an_idle_worker_trims_its_heap_once_per_idle_period(tmp_path: Path) -> None:
+    worker = _worker(tmp_path, "at-least-once")
+    assert worker.trim_when_idle(idle_s=0.0) is False  # nothing processed yet: nothing to give
+    worker.sensor.tokens = 100
+    assert worker.trim_when_idle(idle_s=3600.0) is False  # a batch ended just now: not idle
+    assert worker.trim_when_idle(idle_s=0.0) is True and worker.heap_trims == 1
+    assert worker.trim_when_idle(idle_s=0.0) is False  # same idle period
+    worker.sensor.tokens = 101
+    assert worker.trim_when_idle(idle_s=0.0) is True and worker.heap_trims == 2
+    status = worker.status()
+    assert status["heap_trims"] == 2 and status["rss_bytes"] > 10 << 20
+    worker.close()
