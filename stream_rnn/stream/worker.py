@@ -489,6 +489,7 @@ class StreamWorker(CommitMixin):
             "rebalances": s.rebalances,
             "rss_bytes": resident_bytes(),
             "heap_trims": self.heap_trims,
+            "heap_trimmed_at_tokens": self._trimmed_at,  # the token count at the last trim
             "lag": dict(self.lag),
             # upper bounds of the histogram buckets that hold them (see /metrics for the rest)
             "latency_p50_s": s.latency.quantile(0.5),

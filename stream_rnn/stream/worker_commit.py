@@ -68,6 +68,8 @@ class CommitMixin:
     _batch_lock: asyncio.Lock
     _commit_lock: asyncio.Lock
     _checkpointing: asyncio.Task[None] | None
+    # at-least-once: the last micro-batch's outputs, sent and not yet known to be acked
+    _unacked: tuple[Outputs, list[asyncio.Future[object]]] | None = None
 
     # ------------------------------------------------------------------ outputs
     async def emit(self, out: Outputs) -> None:
@@ -91,10 +93,41 @@ class CommitMixin:
             await self.txns.send(partition, self.opts.predictions_topic, preds)
             await self.txns.send(partition, self.opts.dead_letter_topic, dead)
 
-    async def deliver(self, out: Outputs, *, backoff_s: float = 1.0) -> None:
-        """At-least-once: send the outputs and wait for their acks (acks=all); retry the whole
-        set while the broker is unreachable, up to ``broker_timeout_s`` (duplicates are fine:
-        readers dedupe by id); then exit uncommitted."""
+    async def deliver(self, out: Outputs) -> None:
+        """At-least-once: send the outputs (acks=all) without waiting for their acks, once the
+        previous micro-batch's are in (`settle_deliveries`): the broker's round trip overlaps
+        the next micro-batch instead of holding it, one batch deep, and outputs still reach the
+        topic in batch order. Every commit settles first, so no offset is committed before the
+        outputs of the events below it are acked."""
+        await self.settle_deliveries()
+        if self.closed:
+            return
+        try:
+            futures = await self.sender.send(self.opts.predictions_topic, out.predictions)
+            futures += await self.sender.send(self.opts.dead_letter_topic, out.dead_letters)
+        except KafkaError as err:
+            log.warning("sending outputs failed (%r); retrying", err)
+            await self._deliver_acked(out)
+            return
+        self._unacked = (out, futures)
+
+    async def settle_deliveries(self) -> None:
+        """Wait for the acks of the outputs sent last; resend them (and wait) if the broker
+        failed them, as `_deliver_acked` does."""
+        pending, self._unacked = self._unacked, None
+        if pending is None:
+            return
+        out, futures = pending
+        try:
+            await asyncio.gather(*futures)
+        except KafkaError as err:
+            log.warning("outputs were not acked (%r); sending them again", err)
+            await self._deliver_acked(out)
+
+    async def _deliver_acked(self, out: Outputs, *, backoff_s: float = 1.0) -> None:
+        """Send the outputs and wait for their acks; retry the whole set while the broker is
+        unreachable, up to ``broker_timeout_s`` (duplicates are fine: readers dedupe by id);
+        then exit uncommitted."""
         deadline = time.monotonic() + self.opts.broker_timeout_s
         attempt = 0
         while True:
@@ -244,6 +277,10 @@ class CommitMixin:
                 if not force:
                     return
                 self.protocol.skip_backoff()
+            # nothing is committed before the outputs of what it covers are acked
+            await self.settle_deliveries()
+            if self.closed:
+                return
             if not force:
                 if self.durable.enabled:
                     if not (self.durable.due() or self.durable.has_changes()):

@@ -99,3 +99,71 @@ def test_an_idle_worker_trims_its_heap_once_per_idle_period(tmp_path: Path) -> N
     status = worker.status()
     assert status["heap_trims"] == 2 and status["rss_bytes"] > 10 << 20
     worker.close()
+
+
+class _Sender:
+    """Records what is sent; each send's acks are a future the test resolves."""
+
+    def __init__(self) -> None:
+        self.sent: list[list[tuple[bytes | None, bytes]]] = []
+        self.futures: list[asyncio.Future[object]] = []
+
+    async def send(
+        self, topic: str, messages: list[tuple[bytes | None, bytes]]
+    ) -> list[asyncio.Future[object]]:
+        self.sent.append(list(messages))
+        future = asyncio.get_running_loop().create_future()
+        self.futures.append(future)
+        return [future]
+
+
+def test_at_least_once_sends_without_waiting_for_acks_and_commits_only_acked_outputs(
+    tmp_path: Path,
+) -> None:
+    from aiokafka.errors import KafkaTimeoutError
+
+    from stream_rnn.stream.adapter import Outputs
+
+    worker = _worker(tmp_path, "at-least-once")
+    worker.durable.interval_s = 0.0  # no state checkpoints: offsets only
+    sender = _Sender()
+    worker.sender = sender  # type: ignore[assignment]
+    one = Outputs(predictions=[(b"k", b"p1")], dead_letters=[])
+    two = Outputs(predictions=[(b"k", b"p2")], dead_letters=[])
+    committed: list[tuple[dict[int, int], list[bool]]] = []
+
+    async def commit_offsets(offsets: dict[int, int]) -> bool:
+        committed.append((offsets, [f.done() for f in sender.futures]))
+        return True
+
+    worker.commit_offsets = commit_offsets
+
+    async def scenario() -> None:
+        await asyncio.wait_for(worker.deliver(one), 1)  # returns before its acks
+        assert sender.sent == [[(b"k", b"p1")], []] and worker._unacked is not None
+        second = asyncio.ensure_future(worker.deliver(two))
+        await asyncio.sleep(0.01)
+        assert not second.done()  # waits for the first batch's acks before sending its own
+        sender.futures[0].set_exception(KafkaTimeoutError())  # the broker failed them
+        sender.futures[1].set_result(None)
+        await asyncio.sleep(0.01)
+        assert sender.sent[2] == [(b"k", b"p1")]  # sent again, before the second batch
+        for f in sender.futures[2:]:
+            f.set_result(None)
+        await asyncio.wait_for(second, 1)
+        assert [m for batch in sender.sent for m in batch] == [
+            (b"k", b"p1"), (b"k", b"p1"), (b"k", b"p2")
+        ]  # fmt: skip
+        worker.protocol.assigned({0: 5})
+        worker.protocol.processed(0, 9)
+        commit = asyncio.ensure_future(worker.commit_point(force=True))
+        await asyncio.sleep(0.01)
+        assert not committed  # the second batch's acks are not in yet
+        for f in sender.futures:
+            if not f.done():
+                f.set_result(None)
+        await asyncio.wait_for(commit, 1)
+        assert committed == [({0: 10}, [True] * len(sender.futures))]
+
+    asyncio.run(scenario())
+    worker.close()
