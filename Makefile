@@ -1,5 +1,5 @@
 # The two set-up commands of the README. Both install what they need themselves.
-.PHONY: demo test lint setup chaos
+.PHONY: demo test lint setup chaos bench
 
 setup:
 	bash deploy/bootstrap.sh
@@ -21,3 +21,8 @@ lint: setup
 # rebalances, engine faults, 100k-key deletion and recovery); about 12 minutes.
 chaos: setup
 	.venv/bin/python -m pytest tests/chaos -p no:cacheprovider
+
+# Every benchmark in one run (about 17 minutes on 2 cores): docs/perf/bench.json, bench.md, the
+# plots, and the README's generated performance block. Nothing else may run meanwhile.
+bench: setup
+	.venv/bin/python -m simulations.bench --out docs/perf --readme README.md

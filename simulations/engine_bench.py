@@ -10,7 +10,8 @@ spread at random over the keys, micro-batches of 1,024 tokens, CPU.
 * ceiling — the same number of tokens through the same network (embedding, GRU, decoder,
             softmax, top-5) as dense (1024, 1) batches, with no bookkeeping at all.
 
-Run: ``.venv/bin/python simulations/engine_bench.py [--tokens N] [--device cpu|cuda]``.
+Run: ``.venv/bin/python simulations/engine_bench.py [--tokens N] [--device cpu|cuda]``;
+`measure` is the same run as a function (``python -m simulations.bench --only engine``).
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ import argparse
 import random
 import statistics
 import time
+from typing import Any
 
 import torch
 
 from stream_rnn.engine.engine import Engine
 from stream_rnn.engine.events import TOKEN, Event
 from stream_rnn.engine.topk import top_k
-from stream_rnn.model import ModelConfig, RecurrentModel
+from stream_rnn.model import ModelConfig, RecurrentModel, State
 from stream_rnn.registry.checkpoint import Manifest
 from stream_rnn.train.vocab import Vocab
 
@@ -51,10 +53,24 @@ def build(
 
 
 def run_engine(
-    model: RecurrentModel, manifest: Manifest, events: list[Event], batch: int, keys: int
+    model: RecurrentModel,
+    manifest: Manifest,
+    events: list[Event],
+    batch: int,
+    keys: int,
+    *,
+    steady: bool = False,
 ) -> float:
+    """Tokens/s of `Engine.process` over ``events`` in micro-batches of ``batch``.
+
+    ``steady``: one untimed pass over all the events first, so that every key is resident
+    when the timed pass starts (a worker that has run for a while); otherwise only one batch
+    warms up and the timed pass admits each key as it first appears (cold: with 10,000 keys
+    and 1,024-token batches, three batches in four admit some key).
+    """
     engine = Engine(model, manifest, capacity=keys)
-    engine.process(events[:batch])  # warm-up (allocations, first kernels)
+    for i in range(0, len(events) if steady else batch, batch):
+        engine.process(events[i : i + batch])  # warm-up (allocations, first kernels, keys)
     started = time.perf_counter()
     produced = 0
     for i in range(0, len(events), batch):
@@ -67,7 +83,7 @@ def run_engine(
 @torch.inference_mode()
 def run_naive(model: RecurrentModel, manifest: Manifest, events: list[Event]) -> float:
     device = model.embedding.weight.device
-    states: dict[str, torch.Tensor] = {}
+    states: dict[str, State] = {}
     zero = model.init_state(1)
     out_sink = []
     started = time.perf_counter()
@@ -94,6 +110,64 @@ def run_ceiling(model: RecurrentModel, n_tokens: int, batch: int) -> float:
     return (n_tokens // batch) * batch / (time.perf_counter() - started)
 
 
+def make_events(n: int, keys: int, vocab: int, seed: int = 0) -> list[Event]:
+    """``n`` token events spread at random over ``keys`` keys (``user-<i>``)."""
+    rng = random.Random(seed)  # noqa: S311 - benchmark data
+    names = [f"user-{i}" for i in range(keys)]
+    return [
+        Event(rng.choice(names), TOKEN, token=rng.randrange(4, vocab), id=f"0:{i}")
+        for i in range(n)
+    ]
+
+
+def measure(
+    *,
+    tokens: int = 200_000,
+    naive_tokens: int = 20_000,
+    keys: int = 10_000,
+    batch: int = 1024,
+    layers: int = 2,
+    hidden: int = 128,
+    vocab: int = 256,
+    device: str = "cpu",
+    repeat: int = 5,
+) -> dict[str, Any]:
+    """The three paths back to back in each of ``repeat`` rounds; medians over the rounds.
+
+    The machine is shared: the paths are compared within a round (median of the per-round
+    ratios), rather than best-of-N per path at different times.
+    """
+    model, manifest = build(device, layers, hidden, vocab)
+    events = make_events(tokens, keys, vocab)
+    rounds = []
+    for _ in range(repeat):
+        naive = run_naive(model, manifest, events[:naive_tokens])
+        engine = run_engine(model, manifest, events, batch, keys)
+        ceiling = run_ceiling(model, tokens, batch)
+        rounds.append((naive, engine, ceiling))
+    med = statistics.median
+    return {
+        "config": {
+            "tokens": tokens,
+            "naive_tokens": naive_tokens,
+            "keys": keys,
+            "batch": batch,
+            "layers": layers,
+            "hidden": hidden,
+            "vocab": vocab,
+            "device": device,
+            "repeat": repeat,
+            "torch_threads": torch.get_num_threads(),
+        },
+        "naive": med(r[0] for r in rounds),
+        "engine": med(r[1] for r in rounds),
+        "ceiling": med(r[2] for r in rounds),
+        "engine/naive": med(r[1] / r[0] for r in rounds),
+        "engine/ceiling": med(r[1] / r[2] for r in rounds),
+        "rounds": [list(r) for r in rounds],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=200_000)
@@ -106,35 +180,21 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeat", type=int, default=5, help="rounds (median reported)")
     args = parser.parse_args()
-    model, manifest = build(args.device, args.layers, args.hidden, args.vocab)
-    rng = random.Random(0)  # noqa: S311 - benchmark data
-    keys = [f"user-{i}" for i in range(args.keys)]
-    events = [
-        Event(rng.choice(keys), TOKEN, token=rng.randrange(4, args.vocab), id=f"0:{i}")
-        for i in range(args.tokens)
-    ]
-    # The machine is shared: run the three paths back to back in each round and compare
-    # within a round (median over rounds), rather than best-of-N per path at different times.
-    rounds = []
-    for _ in range(args.repeat):
-        naive = run_naive(model, manifest, events[: args.naive_tokens])
-        engine = run_engine(model, manifest, events, args.batch, args.keys)
-        ceiling = run_ceiling(model, args.tokens, args.batch)
-        rounds.append((naive, engine, ceiling))
-    med = statistics.median
-    naive, engine, ceiling = (med(r[i] for r in rounds) for i in range(3))
-    vs_naive = med(r[1] / r[0] for r in rounds)
-    vs_ceiling = med(r[1] / r[2] for r in rounds)
+    got = measure(
+        tokens=args.tokens, naive_tokens=args.naive_tokens, keys=args.keys, batch=args.batch,
+        layers=args.layers, hidden=args.hidden, vocab=args.vocab, device=args.device,
+        repeat=args.repeat,
+    )  # fmt: skip
     print(
         f"GRU {args.layers}x{args.hidden}, vocab {args.vocab}, {args.keys} keys, micro-batch "
         f"{args.batch}, {args.device}, torch threads {torch.get_num_threads()}, "
         f"median of {args.repeat} rounds"
     )
     print(f"{'path':<9} {'tokens/s':>12}")
-    for name, rate in (("naive", naive), ("engine", engine), ("ceiling", ceiling)):
-        print(f"{name:<9} {rate:>12,.0f}")
-    print(f"engine / naive   {vs_naive:6.1f}x  (target >= 25x)")
-    print(f"engine / ceiling {vs_ceiling:6.2f}x  (target >= 0.5x)")
+    for name in ("naive", "engine", "ceiling"):
+        print(f"{name:<9} {got[name]:>12,.0f}")
+    print(f"engine / naive   {got['engine/naive']:6.1f}x  (target >= 25x)")
+    print(f"engine / ceiling {got['engine/ceiling']:6.2f}x  (target >= 0.5x)")
 
 
 if __name__ == "__main__":

@@ -9,15 +9,19 @@ index (a Python dict from key to slot and the key strings themselves). The raw s
 what the states alone need: layers x hidden x bytes per value (x 2 for an LSTM).
 
 Run: ``.venv/bin/python simulations/memory_sweep.py [--sizes 1000 10000 100000 1000000]
-[--storage float16] [--hidden 128] [--layers 2]``. Target: <= 1.25x the raw size at 1M keys.
+[--storage float16] [--hidden 128] [--layers 2] [--out points.json]``. Target: <= 1.25x the raw
+size at 1M keys. ``python -m simulations.bench --only memory`` runs every point in a fresh
+process of this script (a process that freed memory before would lend it to the next pool).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -45,12 +49,15 @@ class Point:
     def ratio(self) -> float:
         return self.bytes_per_key / self.raw_per_key
 
+    def to_dict(self) -> dict[str, float]:
+        return {**asdict(self), "ratio": self.ratio}
+
 
 def measure(keys: int, cfg: ModelConfig, storage: str) -> Point:
     """Fill a fresh pool of capacity ``keys`` with ``keys`` keys; resident bytes per key."""
     gc.collect()
     before = resident_bytes()
-    pool = StatePool(cfg, keys, storage=storage)  # type: ignore[arg-type]
+    pool = StatePool(cfg, keys, storage=storage)
     names = [f"user-{i}" for i in range(keys)]
     for start in range(0, keys, ADMIT_CHUNK):
         pool.lookup(names[start : start + ADMIT_CHUNK])
@@ -70,6 +77,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--cell", choices=["gru", "lstm", "rnn_tanh"], default="gru")
+    parser.add_argument("--out", type=Path, default=None, help="also write the points as JSON")
     args = parser.parse_args()
     torch.set_num_threads(1)
     cfg = ModelConfig(
@@ -85,6 +93,8 @@ def main() -> None:
     last = points[-1]
     met = "met" if last.ratio <= 1.25 else "MISSED"
     print(f"target: <= 1.25x the raw size at {last.keys:,} keys: {last.ratio:.2f} ({met})")
+    if args.out is not None:
+        args.out.write_text(json.dumps([p.to_dict() for p in points], indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -46,7 +46,8 @@ def test_every_path_of_the_broker_benchmark_measures(kafka_broker: str, tmp_path
     rows = results["rows"]
     workers = {"worker", "worker_alo", "worker_chunks", "worker_chunks_alo"}
     assert set(rows) == workers | {
-        "pipe", "ceiling", "direct", "queue", "take", "events", "naive", "engine", "dense",
+        "pipe", "ceiling", "direct", "queue", "take", "events", "naive", "engine", "engine_cold",
+        "dense",
         "metrics_off", "metrics_on",
     }  # fmt: skip
     for name, row in rows.items():
@@ -64,7 +65,13 @@ def test_every_path_of_the_broker_benchmark_measures(kafka_broker: str, tmp_path
     # chunks: one message per chunk, every token counted
     assert rows["worker_chunks"]["status"]["messages"] == cfg.tokens // cfg.chunk
     ratios = results["ratios"]
-    for name in ("worker/pipe", "worker_chunks/pipe", "worker/naive", "engine/dense"):
+    for name in (
+        "worker/pipe",
+        "worker_chunks/pipe",
+        "worker/naive",
+        "engine/dense",
+        "engine_cold/dense",
+    ):
         assert ratios[name] > 0, name
 
     assert set(results["curve"]) == workers
@@ -84,10 +91,10 @@ def test_every_path_of_the_broker_benchmark_measures(kafka_broker: str, tmp_path
     assert len(bench.targets(results)) == 8
     assert rows["metrics_on"]["scrapes"] >= 1 and rows["metrics_on"]["scrape_bytes"] > 1000
     readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n{bench.README_START}\nold\n{bench.README_END}\nafter\n")
+    readme.write_text(f"# x\n{bench.README_START}\nstale block\n{bench.README_END}\nafter\n")
     bench.write_readme(readme, results, tmp_path / "curve.png")
     rewritten = readme.read_text()
-    assert "old" not in rewritten and rewritten.endswith("after\n")
+    assert "stale block" not in rewritten and rewritten.endswith("after\n")
     assert "targets (issue 10):" in rewritten and "](curve.png)" in rewritten
     bench.plot_curve(results, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
