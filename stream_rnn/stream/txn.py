@@ -38,7 +38,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError, ProducerFenced
+from aiokafka.errors import IllegalOperation, KafkaError, ProducerFenced
 
 from stream_rnn.engine.store import StoredState
 from stream_rnn.stream.exceptions import StreamError
@@ -54,6 +54,19 @@ TRANSACTION_TIMEOUT_MS = 60_000
 RETRY_BACKOFF_MS = 20
 RECOVERIES = 3  # new producers per send or commit before giving up (the worker then exits)
 RESTART_BACKOFF_S = 1.0
+# What breaks a transaction. A request of the transaction that fails (AddPartitionsToTxn while
+# the broker restarts) leaves aiokafka's producer in its abortable-error state, where every
+# later send and send_offsets_to_transaction raises IllegalOperation ("Can't send messages
+# while not in transaction"), which is not a KafkaError: it is recovered the same way.
+BROKEN = (KafkaError, IllegalOperation)
+
+
+def _as_error(err: BaseException) -> BaseException:
+    """What a caller sees when recoveries run out: a KafkaError as it is, IllegalOperation as
+    a StreamError (callers handle both; neither is a bug of theirs)."""
+    if isinstance(err, IllegalOperation):
+        return StreamError(f"the transactional producer refused to continue: {err}")
+    return err
 
 
 class Fenced(StreamError):
@@ -161,9 +174,9 @@ class PartitionTransactions:
                 futures = await send_partitioned(part.producer, topic, batch, self._partition_of)
             except ProducerFenced as err:
                 raise Fenced(f"partition {partition}: {err}") from err
-            except KafkaError as err:
+            except BROKEN as err:
                 if attempt == RECOVERIES:
-                    raise
+                    raise _as_error(err) from err
                 await self._recover(partition, err, accept={self.floor(partition)})
                 continue
             part.retained.append((topic, batch))
@@ -216,9 +229,9 @@ class PartitionTransactions:
                     )
                 except ProducerFenced as err:
                     raise Fenced(f"partition {partition}: {err}") from err
-                except KafkaError as err:
+                except BROKEN as err:
                     if attempt == RECOVERIES:
-                        raise
+                        raise _as_error(err) from err
                     accept = {self.floor(partition)}
                     if next_offset is not None:
                         accept.add(next_offset)

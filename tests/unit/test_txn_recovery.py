@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from aiokafka.errors import KafkaError, NotLeaderForPartitionError, ProducerFenced
+from aiokafka.errors import IllegalOperation, KafkaError, NotLeaderForPartitionError, ProducerFenced
 
 from stream_rnn.engine.store import StoredState
 from stream_rnn.stream.txn import Fenced, PartitionTransactions
@@ -42,8 +42,12 @@ class FakeProducer:
         fail_commits: int = 0,
         fence: bool = False,
         fail_batches: int = 0,
+        abortable_after: int | None = None,
     ) -> None:
         self.log, self.fail_commits, self.fence = log, fail_commits, fence
+        # after this many batches a request of the transaction failed: aiokafka's producer is
+        # in its abortable-error state and refuses every later send (as in a broker restart)
+        self.abortable_after = abortable_after
         # batches that fail on their own (aiokafka fails a batch that waited longer than the
         # request timeout for a partition leader) while the transaction could still commit
         self.fail_batches = fail_batches
@@ -60,6 +64,10 @@ class FakeProducer:
         return {0, 1}
 
     async def send_batch(self, batch: FakeBatch, topic: str, partition: int) -> asyncio.Future[Any]:
+        if self.abortable_after is not None:
+            if self.abortable_after == 0:
+                raise IllegalOperation("Can't send messages while not in transaction")
+            self.abortable_after -= 1
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if self.fail_batches:
             self.fail_batches -= 1
@@ -225,3 +233,44 @@ def test_a_failed_batch_is_never_committed_without_its_records() -> None:
     [txn] = log  # the broken transaction never committed; the new producer sent it all again
     assert [v for *_, v in txn["records"]] == [b"p1", b"p2"]
     assert txn["offsets"] == {0: 42}
+
+
+@pytest.mark.parametrize("where", ["send", "commit"])
+def test_a_transaction_in_aiokafkas_abortable_error_state_is_recovered(where: str) -> None:
+    # a broker restart fails AddPartitionsToTxn: aiokafka's producer then raises
+    # IllegalOperation (not a KafkaError) on every send; the worker exited 70 on it once
+    log: list[dict[str, Any]] = []
+    first = FakeProducer(log, abortable_after=1 if where == "send" else 2)
+    second = FakeProducer(log)
+    txns = _txns([first, second], committed=[10])
+
+    async def scenario() -> None:
+        await txns.open([0])
+        await txns.send(0, "preds", [(b"k", b"p1")])
+        await txns.send(0, "preds", [(b"k", b"p2")])  # "send": refused here
+        txns.prepare_commit([0])
+        # "commit": the state records are refused
+        await txns.commit(0, "state", [("k", _state())], [], next_offset=42)
+
+    _run(scenario)
+    assert first.stopped and txns.recoveries == 1
+    [txn] = log
+    assert [v for topic, *_, v in txn["records"] if topic == "preds"] == [b"p1", b"p2"]
+    assert txn["offsets"] == {0: 42}
+
+
+def test_a_producer_that_keeps_refusing_ends_in_a_stream_error() -> None:
+    from stream_rnn.stream.exceptions import StreamError
+    from stream_rnn.stream.txn import RECOVERIES
+
+    log: list[dict[str, Any]] = []
+    producers = [FakeProducer(log, abortable_after=0) for _ in range(RECOVERIES + 1)]
+    txns = _txns(producers, committed=[10])
+
+    async def scenario() -> None:
+        await txns.open([0])
+        await txns.send(0, "preds", [(b"k", b"p1")])
+
+    with pytest.raises(StreamError, match="refused to continue"):
+        _run(scenario)
+    assert log == [] and txns.recoveries == RECOVERIES
