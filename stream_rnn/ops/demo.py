@@ -23,13 +23,9 @@ from __future__ import annotations
 
 import json
 import random
-import signal
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -216,12 +212,13 @@ def _streamed(
         write_demo_report,
     )
     from stream_rnn.ops.demo_stream import PARTITIONS, DemoError, LiveSystem
+    from stream_rnn.ops.workers import sigterm_interrupts
     from stream_rnn.replay.exceptions import ReplayError
     from stream_rnn.replay.kafka import run_kafka
     from stream_rnn.replay.schedule import Timing, answer_expected, build_schedule
 
     schedule = build_schedule(scenario.path, level="char", timing=Timing(rate=rate))
-    with _sigterm_interrupts(), LiveSystem(out / "stream", say=say) as live:
+    with sigterm_interrupts(), LiveSystem(out / "stream", say=say) as live:
         say("3. live system")
         bootstrap = live.start_broker()
         say(f"   Kafka {live.kafka.version} broker at {bootstrap} (data in {live.kafka.data_dir}); "
@@ -306,17 +303,3 @@ def _in_process(out: Path, v1_dir: Path, scenario: Scenario) -> dict[str, Any]:
     )  # fmt: skip
     print_summary(console, facts)
     return facts
-
-
-@contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM ends the demo as Ctrl-C does: through every ``finally`` (the shutdown)."""
-
-    def interrupt(_signum: int, _frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

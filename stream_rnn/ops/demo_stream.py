@@ -22,65 +22,37 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import signal
-import subprocess  # noqa: S404 - only for TimeoutExpired
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from stream_rnn.ops.exceptions import OpsError
 from stream_rnn.ops.kafka_local import LocalKafka
-from stream_rnn.ops.processes import (
-    ManagedProcess,
-    ProcessExitedError,
-    ProcessWaitTimeout,
-    WorkerHandle,
-    find_free_port,
-)
+from stream_rnn.ops.processes import ManagedProcess
 from stream_rnn.ops.settings import Settings
-from stream_rnn.registry.updates import build_update, load_update_key, publish_update, sign
+from stream_rnn.ops.workers import (
+    WORKER_START_TIMEOUT_S,
+    Worker,
+    WorkerGroup,
+    WorkerGroupError,
+)
+from stream_rnn.registry.updates import load_update_key
 from stream_rnn.registry.versions import Registry
 from stream_rnn.replay.kafka import ReplayTopics
+from stream_rnn.replay.publish import publish_model
 from stream_rnn.stream.topics import ensure_topics
 
+__all__ = ["JOB_TIMEOUT_S", "PARTITIONS", "DemoError", "LiveSystem", "Worker"]
+
 PARTITIONS = 4
-WORKER_START_TIMEOUT_S = 120.0
 JOB_TIMEOUT_S = 300.0
-STOP_TIMEOUT_S = 30.0
-# Workers of the demo: a short session timeout, so that the survivor of a SIGKILL takes the
-# dead worker's partitions over after ~6 s instead of 10 (Kafka's floor is 6 s); one torch
-# thread each, as the two workers, the broker and the replay share the machine's cores.
-WORKER_ENV = {
-    "STREAM_RNN_SESSION_TIMEOUT_S": "6",
-    "STREAM_RNN_HEARTBEAT_INTERVAL_S": "2",
-    "OMP_NUM_THREADS": "1",
-}
 
 
 # Here rather than in ops/exceptions.py: only the demo raises it.
 class DemoError(OpsError):
     """A stage of the demo failed; the message names the stage and the log to read."""
-
-
-@dataclass
-class Worker:
-    """One worker process of the demo's group, by its name in the demo's output."""
-
-    name: str
-    handle: WorkerHandle
-    metrics_port: int
-    started_at: float
-
-    @property
-    def pid(self) -> int:
-        return self.handle.pid
-
-    def status(self) -> dict[str, Any] | None:
-        return self.handle.status()
 
 
 class LiveSystem:
@@ -100,8 +72,13 @@ class LiveSystem:
         self.logs = work_dir / "logs"
         self.kafka = LocalKafka(work_dir / "kafka")
         self.bootstrap = ""
-        self.workers: dict[str, Worker] = {}
-        self._stopped: list[WorkerHandle] = []
+        self.worker_group = WorkerGroup(
+            self.logs,
+            env={
+                "STREAM_RNN_WORKER_DIR": str(work_dir / "workers"),
+                "STREAM_RNN_MODEL_UPDATES_TOPIC": self.updates_topic,
+            },
+        )
         self._jobs: list[ManagedProcess] = []
         self._lock = threading.Lock()
         self._closed = False
@@ -155,14 +132,21 @@ class LiveSystem:
     def publish(self, model_dir: Path) -> str:
         """Register ``model_dir``, make it production and announce it, signed (as
         ``stream-rnn models publish --policy keep --update-key-file KEY`` does)."""
-        manifest = self.registry.add(model_dir)
-        self.registry.promote(manifest.version)
-        update = build_update(self.registry.path(manifest.version), policy="keep")
-        update = sign(update, load_update_key(self.key_file))
-        publish_update(self.bootstrap, update, self.updates_topic)
-        return manifest.version
+        return publish_model(
+            self.registry,
+            str(model_dir),
+            bootstrap=self.bootstrap,
+            topic=self.updates_topic,
+            key=load_update_key(self.key_file),
+            policy="keep",
+        )
 
     # ------------------------------------------------------------------ workers
+    @property
+    def workers(self) -> dict[str, Worker]:
+        """The running workers by name."""
+        return self.worker_group.workers
+
     def worker_args(self) -> list[str]:
         return [
             "--registry", str(self.registry.root), "--update-key-file", str(self.key_file),
@@ -174,66 +158,31 @@ class LiveSystem:
 
     def start_worker(self, name: str) -> Worker:
         """Start the worker ``name`` (a new process; returns at once)."""
-        with self._lock:
-            if self._closed:
-                raise DemoError(f"not starting {name}: the demo is shutting down")
-            used = frozenset(
-                p for w in self.workers.values() for p in (w.handle.port, w.metrics_port)
-            )
-            web = find_free_port(used)
-            metrics = find_free_port(used | {web})
-            env = {
-                **WORKER_ENV,
-                "STREAM_RNN_WORKER_DIR": str(self.dir / "workers"),
-                "STREAM_RNN_MODEL_UPDATES_TOPIC": self.updates_topic,
-            }
-            log = self.logs / f"{name}-{len(self._stopped) + len(self.workers)}.log"
-            args = [*self.worker_args(), "--metrics-port", str(metrics)]
-            handle = WorkerHandle(args, web, log, env=env)
-            worker = Worker(name, handle, metrics, time.monotonic())
-            self.workers[name] = worker
-            return worker
+        if self._closed:
+            raise DemoError(f"not starting {name}: the demo is shutting down")
+        try:
+            return self.worker_group.start(name, self.worker_args())
+        except WorkerGroupError as err:
+            raise DemoError(str(err)) from None
 
     def wait_assigned(
         self, names: Sequence[str], *, every: bool = False, timeout: float = WORKER_START_TIMEOUT_S
     ) -> None:
         """Wait until each of ``names`` owns partitions (``every``: together, all of them)."""
-        deadline = time.monotonic() + timeout
-        for name in names:
-            worker = self.workers[name]
-            try:
-                worker.handle.wait_until(
-                    lambda s: bool(s.get("assigned")),
-                    "partitions assigned",
-                    max(1.0, deadline - time.monotonic()),
-                )
-            except (ProcessExitedError, ProcessWaitTimeout) as err:
-                raise DemoError(
-                    f"{name} (pid {worker.pid}) did not get partitions: {err}"
-                ) from None
-        while every and len(self.assigned(names)) < PARTITIONS:
-            if time.monotonic() >= deadline:
-                raise DemoError(
-                    f"{', '.join(names)} own partitions {sorted(self.assigned(names))} of "
-                    f"{PARTITIONS} after {timeout:.0f}s; see the logs in {self.logs}"
-                )
-            time.sleep(0.2)
+        try:
+            self.worker_group.wait_assigned(
+                names, partitions=PARTITIONS, every=every, timeout=timeout
+            )
+        except WorkerGroupError as err:
+            raise DemoError(str(err)) from None
 
     def assigned(self, names: Sequence[str]) -> set[int]:
         """The partitions that ``names`` report owning now."""
-        out: set[int] = set()
-        for name in names:
-            status = self.workers[name].status() if name in self.workers else None
-            out |= set(status.get("assigned") or ()) if status else set()
-        return out
+        return self.worker_group.assigned(names) if names else set()
 
     def kill(self, name: str) -> int:
         """SIGKILL the worker ``name`` at once, as a crash would; its pid."""
-        with self._lock:
-            worker = self.workers.pop(name)
-            self._stopped.append(worker.handle)
-        worker.handle.kill()
-        return worker.pid
+        return self.worker_group.kill(name)
 
     # ------------------------------------------------------------------ jobs
     def run_job(
@@ -277,21 +226,10 @@ class LiveSystem:
         """Stop every job, every worker (gracefully, then SIGKILL) and the broker."""
         with self._lock:
             self._closed = True
-            jobs, workers = list(self._jobs), list(self.workers.values())
+            jobs = list(self._jobs)
         for job in jobs:
             job.stop(timeout=5)
-        # SIGTERM to all first, so that the workers shut down side by side
-        for worker in workers:
-            if worker.handle.alive():
-                worker.handle.proc.send_signal(signal.SIGTERM)
-        for worker in workers:
-            try:
-                code = worker.handle.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                code = worker.handle.kill()
-            self._stopped.append(worker.handle)
-            self.say(f"stopped {worker.name} (pid {worker.pid}, exit status {code})")
-        self.workers.clear()
+        self.worker_group.close(self.say)
         if self._broker_started:
             self.kafka.stop()
             self._broker_started = False

@@ -14,6 +14,11 @@ the start, ``read_committed`` (exactly-once workers: each answer once; at-least-
 repeat some, counted as duplicates). The run ends when every message that must be answered was
 answered, or when nothing new arrived for ``timeout_s``.
 
+Faults (``faults``, a `stream_rnn.replay.result.FaultHooks` such as
+`stream_rnn.replay.injector.FaultInjector`): told when the replay starts and how many messages
+went out; while one is due or under way the run neither ends nor times out, so that a worker
+taken down mid-stream (or the broker) can come back and answer.
+
 Example::
 
     result = run_kafka(schedule, bootstrap="127.0.0.1:9092", topics=ReplayTopics(),
@@ -33,7 +38,7 @@ from kafka.errors import KafkaError
 
 from stream_rnn.producer import TokenProducer
 from stream_rnn.replay.exceptions import ReplayError
-from stream_rnn.replay.result import NoProgress, Output, Progress, ReplayResult
+from stream_rnn.replay.result import FaultHooks, NoProgress, Output, Progress, ReplayResult
 from stream_rnn.replay.schedule import Schedule, Scheduled
 from stream_rnn.stream.codec import decode_dead_letter, decode_prediction
 from stream_rnn.stream.exceptions import Rejected, StreamError
@@ -166,6 +171,7 @@ def run_kafka(
     expected: list[bool],
     timeout_s: float = 30.0,
     progress: Progress | None = None,
+    faults: FaultHooks | None = None,
 ) -> ReplayResult:
     """Produce ``schedule`` to ``topics.tokens`` and collect the answers (see the module)."""
     progress = progress or NoProgress()
@@ -185,6 +191,9 @@ def run_kafka(
     wall0 = time.time()
     reader.start(start)
     result = ReplayResult("kafka", schedule.timing.describe(schedule.source), sent_at)
+    result.wall0 = wall0
+    if faults is not None:
+        faults.begin(start, n)
     try:
         for i, ev in enumerate(events):
             now = time.monotonic() - start
@@ -196,12 +205,14 @@ def run_kafka(
                 sent_at[i] = ev.t
             tracker.index = i
             _send(producer, tracker, topics.tokens, ev, wall0 + sent_at[i])
+            if faults is not None:
+                faults.sent(i + 1)
             if i % 256 == 255:
                 progress.update(i + 1, len(reader.got))
         producer.flush()
         result.sent = n
         progress.update(n, len(reader.got))
-        _await_answers(result, schedule, reader, tracker, expected, timeout_s, progress)
+        _await_answers(result, schedule, reader, tracker, expected, timeout_s, progress, faults)
     except StreamError as err:
         raise ReplayError(f"the replay could not send to {topics.tokens!r}: {err}") from err
     finally:
@@ -248,8 +259,10 @@ def _await_answers(
     expected: list[bool],
     timeout_s: float,
     progress: Progress,
+    faults: FaultHooks | None = None,
 ) -> None:
-    """Match answers to messages by id until all expected ones came or ``timeout_s`` idle."""
+    """Match answers to messages by id until all expected ones came or ``timeout_s`` idle
+    (a fault due or under way holds both off)."""
     pairs = enumerate(zip(tracker.partition, tracker.offset, strict=True))
     index_of = {f"{p}:{o}": i for i, (p, o) in pairs if p >= 0}
     want = {i for i in index_of.values() if expected[i]}
@@ -281,7 +294,9 @@ def _await_answers(
             done = got
             progress.update(result.sent, len(result.outputs))
         now = time.monotonic()
-        if not want and finished_at is None:
+        if faults is not None and faults.busy():
+            last_new, finished_at = now, None
+        elif not want and finished_at is None:
             finished_at = now
         if finished_at is not None and now - finished_at >= SETTLE_S:
             break

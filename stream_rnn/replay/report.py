@@ -4,7 +4,8 @@ summary table for the terminal (rich).
 Both documents are rendered from one list of blocks (headings, paragraphs, tables, images), so
 they always hold the same content: the run, the guarantee checks, quality against the recorded
 ground truth (overall, per model version, over time), latency percentiles and CDF, throughput
-over time, dead letters by reason, duplicates, evictions and restores, and model swaps.
+over time, dead letters by reason, duplicates, evictions and restores, model swaps, and the
+injected faults (``--fault``; also written to ``DIR/faults.json``).
 
 Example::
 
@@ -15,7 +16,9 @@ Example::
 from __future__ import annotations
 
 import html
+import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from rich.table import Table
 
 from stream_rnn.replay import plots
 from stream_rnn.replay.analysis import Analysis, Quality
+from stream_rnn.replay.result import FaultRecord
 
 PNGS = ("latency_cdf.png", "throughput.png", "quality.png")
 
@@ -131,9 +135,14 @@ class _Doc:
 
 
 def write_report(
-    directory: Path, analysis: Analysis, *, title: str = "Replay report"
+    directory: Path,
+    analysis: Analysis,
+    *,
+    title: str = "Replay report",
+    faults: Sequence[FaultRecord] = (),
 ) -> list[Path]:
-    """Write ``report.md``, ``report.html`` and the PNGs into ``directory``; returns the paths."""
+    """Write ``report.md``, ``report.html`` and the PNGs into ``directory`` (and
+    ``faults.json`` when ``faults`` were injected); returns the paths."""
     directory.mkdir(parents=True, exist_ok=True)
     end = max([analysis.elapsed_s, *analysis.answered_at, *plots.finite(analysis.offered_at)])
     made = [
@@ -160,14 +169,35 @@ def write_report(
                 markers=analysis.markers,
             )
         )
-    doc = _document(analysis, {p.name for p in made})
+    doc = _document(analysis, {p.name for p in made}, faults)
     md, page = directory / "report.md", directory / "report.html"
     md.write_text(doc.markdown(title), encoding="utf-8")
     page.write_text(doc.html(title), encoding="utf-8")
+    if faults:
+        path = directory / "faults.json"
+        rows = [r.to_dict() for r in faults]
+        path.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+        made.append(path)
     return [md, page, *made]
 
 
-def _document(a: Analysis, pngs: set[str]) -> _Doc:
+def _at(seconds: float | None) -> str:
+    return "–" if seconds is None else f"{seconds:.2f} s"
+
+
+def _faults(doc: _Doc, faults: Sequence[FaultRecord]) -> None:
+    doc.h("Faults injected")
+    doc.table(
+        ["fault", "result", "started at", "done at", "what happened"],
+        [[r.spec, r.status, _at(r.at), _at(r.done_at), r.detail] for r in faults],
+    )
+    doc.p(
+        "Times on the replay's clock (seconds after its start, as on the plots, where each "
+        "fault's moments are marked); faults run one after another in the order given."
+    )
+
+
+def _document(a: Analysis, pngs: set[str], faults: Sequence[FaultRecord] = ()) -> _Doc:
     doc = _Doc()
     c = a.counts
     rate = tokens_per_s(a)
@@ -210,6 +240,8 @@ def _document(a: Analysis, pngs: set[str]) -> _Doc:
     doc.img("latency_cdf.png", "latency CDF")
     doc.h("Throughput")
     doc.img("throughput.png", "throughput over time")
+    if faults:
+        _faults(doc, faults)
     doc.h("Dead letters by reason")
     reasons = sorted(set(a.dead_letters) | set(a.expected_dead_letters))
     doc.table(
@@ -242,8 +274,8 @@ def _document(a: Analysis, pngs: set[str]) -> _Doc:
     return doc
 
 
-def summary_table(a: Analysis) -> Table:
-    """The run in one rich table: counts, rate, latency, quality, checks."""
+def summary_table(a: Analysis, faults: Sequence[FaultRecord] = ()) -> Table:
+    """The run in one rich table: counts, rate, latency, quality, faults, checks."""
     table = Table(title=f"replay ({a.mode}, {a.timing})", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value")
@@ -271,6 +303,9 @@ def summary_table(a: Analysis) -> Table:
             f"{p['evictions']:,} / {p['expirations']:,} / {p['restores']:,}",
         )
     table.add_row("model versions", ", ".join(f"{v[:14]} ({n:,})" for v, _, n in a.versions) or "–")
+    for r in faults:
+        when = f"{r.at:.1f}-{r.done_at:.1f} s" if r.at is not None and r.done_at is not None else ""
+        table.add_row(f"fault {r.spec}", f"{r.status} {when}".strip())
     for check in a.checks:
         style = {True: "green", False: "bold red", None: "yellow"}[check.passed]
         word = {True: "pass", False: "FAIL", None: "n/a"}[check.passed]

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 OutputKind = Literal["prediction", "dead_letter"]
+FaultStatus = Literal["done", "failed", "skipped"]
 
 
 @dataclass(slots=True)
@@ -33,6 +34,7 @@ class ReplayResult:
     outputs whose key is not their message's. ``batches``: ``(at, tokens)`` per engine
     micro-batch (in process only). ``pool``: the state pool's counters (in process only).
     ``sent``: messages handed over; ``send_failed``: messages the broker did not take.
+    ``faults``: what each injected fault (``--fault``) did, in the order they were given.
     """
 
     mode: Literal["inproc", "kafka"]
@@ -49,6 +51,42 @@ class ReplayResult:
     pool: dict[str, int] | None = None
     versions_served: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    faults: list[FaultRecord] = field(default_factory=list)
+    wall0: float = 0.0  # epoch seconds at the replay's start (its clock's 0)
+
+
+@dataclass
+class FaultRecord:
+    """One fault of the plan and what became of it.
+
+    ``at`` / ``done_at``: when it started and when its effect was complete (e.g. the survivors
+    owned every partition again), on the replay's clock; ``wall``: the start in epoch
+    seconds. ``markers``: ``(at, label)`` moments for the plots. A fault that never started
+    (the replay ended first, or an earlier fault failed) is ``skipped`` with ``at`` None.
+    """
+
+    spec: str
+    kind: str
+    order: int
+    status: FaultStatus = "skipped"
+    at: float | None = None
+    wall: float | None = None
+    done_at: float | None = None
+    detail: str = ""
+    markers: list[tuple[float, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (``faults.json`` of the report)."""
+        return {
+            "spec": self.spec,
+            "kind": self.kind,
+            "status": self.status,
+            "at": self.at,
+            "wall": self.wall,
+            "done_at": self.done_at,
+            "detail": self.detail,
+            "markers": [[at, label] for at, label in self.markers],
+        }
 
 
 class Progress(Protocol):
@@ -60,6 +98,20 @@ class Progress(Protocol):
     def update(self, sent: int, answered: int) -> None: ...
 
     def close(self) -> None: ...
+
+
+class FaultHooks(Protocol):
+    """What a Kafka replay tells a fault injector, and asks it (`stream_rnn.replay.injector`)."""
+
+    def begin(self, t0: float, total: int) -> None:
+        """The replay started at ``t0`` (``time.monotonic()``) with ``total`` messages."""
+
+    def sent(self, count: int) -> None:
+        """``count`` messages were handed over so far (called after every message)."""
+
+    def busy(self) -> bool:
+        """A fault is under way or due: the replay waits for it before it ends."""
+        ...
 
 
 class NoProgress:
