@@ -1,9 +1,11 @@
 """Checkpoint overhead: one worker draining a backlog with durable checkpoints on vs off.
 
 Not a test (run it by hand; it prints a table). For each run: fresh topics, a backlog of
-``--tokens`` random tokens over ``--keys`` keys produced first, then one ``stream-rnn worker``
-that drains it, polled through its status endpoint. The rate is tokens / (time of the last
-token - time of the first), so start-up and the group join are left out. Runs alternate
+``--tokens`` random tokens over ``--keys`` keys produced first (before the worker starts: a
+worker running while the backlog is produced keeps up with the producer and the drain would
+measure the producer), then one ``stream-rnn worker`` that drains it, polled through its status
+endpoint. The rate is tokens / (time of the last token - time of the first), so start-up and
+the group join are left out. Runs alternate
 on/off so that drift of a shared machine hits both. "On" is the default setting (a checkpoint
 every 2 s or 50,000 tokens, offsets committed after it); "off" is
 ``STREAM_RNN_CHECKPOINT_INTERVAL_S=0`` (offsets committed once the outputs are on the broker).
@@ -35,6 +37,8 @@ from stream_harness import StreamTopics, WorkerProcess  # noqa: E402
 
 from stream_rnn.ops.kafka_local import LocalKafka  # noqa: E402
 from stream_rnn.ops.processes import find_free_port  # noqa: E402
+from stream_rnn.ops.settings import Settings  # noqa: E402
+from stream_rnn.stream.topics import ensure_topics  # noqa: E402
 
 POLL_S = 0.05
 
@@ -55,15 +59,18 @@ def drain(
         "OMP_NUM_THREADS": "1",
         "STREAM_RNN_CHECKPOINT_INTERVAL_S": "2" if checkpoints else "0",
     }
-    # the worker creates the topics; start it first, then produce while it waits
+    settings = Settings(
+        tokens_topic=topics.tokens,
+        predictions_topic=topics.predictions,
+        dead_letter_topic=topics.dead_letters,
+    )
+    ensure_topics(bootstrap, settings, partitions=topics.partitions)
+    produce(
+        bootstrap, topics.tokens, ((rng.choice(names), rng.choice(ALPHABET)) for _ in range(tokens))
+    )
     worker = WorkerProcess(argv, find_free_port(), workdir / f"worker-{tag}.log", env)
     try:
         worker.wait_until(lambda s: len(s["assigned"]) == 4, "partitions assigned", 120)
-        produce(
-            bootstrap,
-            topics.tokens,
-            ((rng.choice(names), rng.choice(ALPHABET)) for _ in range(tokens)),
-        )
         first = last = None
         deadline = time.monotonic() + 600
         status: dict[str, Any] = {}
