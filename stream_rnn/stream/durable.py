@@ -243,31 +243,41 @@ class DurableState:
             if wanted is None
             else [kv for p in wanted for kv in self.engine.pool.take_dirty(partition=p)]
         )
+        n_dirty = len(items)
         items += (
             self.store.take_pending()
             if wanted is None
             else [kv for p in wanted for kv in self.store.take_pending(partition=p)]
         )
-        items += retry_states
         deletions = (
             self.engine.pool.take_deleted()
             if wanted is None
             else [d for p in wanted for d in self.engine.pool.take_deleted(partition=p)]
         )
-        # One record per key, the newest: a key evicted (pending) and re-admitted since the last
-        # checkpoint is in both lists, and compaction keeps whichever is written last.
-        newest: dict[str, StoredState] = {}
-        for key, state in items:
-            old = newest.get(key)
-            if old is None or state.offset >= old.offset:
-                newest[key] = state
-        for key, state in newest.items():
+        newest: Iterable[tuple[str, StoredState]]
+        if len(items) == n_dirty and not retry_states:
+            # only the pool's dirty states: one per key already (the usual checkpoint, taken
+            # while micro-batches wait: no per-key dictionary)
+            newest = items
+        else:
+            # One record per key, the newest: a key evicted (pending) and re-admitted since the
+            # last checkpoint is in both lists, and compaction keeps whichever is written last.
+            by_key: dict[str, StoredState] = {}
+            for key, state in [*items, *retry_states]:
+                old = by_key.get(key)
+                if old is None or state.offset >= old.offset:
+                    by_key[key] = state
+            newest = by_key.items()
+        for key, state in newest:
             if state.partition >= 0:  # -1: never saw an offset (exactly-once off)
                 out[state.partition].states.append((key, state))
-        for key, partition, offset in [*retried_deletions, *deletions]:
-            # a key deleted and then created again is written as its new state only
-            if partition >= 0 and key not in newest:
-                out[partition].deleted.append((key, offset))
+        gone = [*retried_deletions, *deletions]
+        if gone:
+            written = {key for key, _ in newest}
+            for key, partition, offset in gone:
+                # a key deleted and then created again is written as its new state only
+                if partition >= 0 and key not in written:
+                    out[partition].deleted.append((key, offset))
         return out
 
     # ------------------------------------------------------------------ rebalance
