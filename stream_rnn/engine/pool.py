@@ -26,10 +26,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
+from typing import cast
 
 import torch
 from torch import Tensor
 
+from stream_rnn.engine.dirty import DirtyStates
 from stream_rnn.engine.exceptions import PoolError
 from stream_rnn.engine.history import TokenHistory
 from stream_rnn.engine.ragged import long_tensor
@@ -427,41 +429,46 @@ class StatePool:
         self.expirations += len(stale)
         return len(stale)
 
-    def take_dirty(self, partition: int | None = None) -> list[tuple[str, StoredState]]:
+    def take_dirty(self, partition: int | None = None) -> DirtyStates:
         """Snapshots of the states changed since the last call (of one source partition or all),
-        marking them clean: what an incremental checkpoint writes."""
+        marking them clean: what an incremental checkpoint writes. The tensors are copied now
+        (independent of the pool's later writes); the per-key states are made when read (see
+        stream_rnn/engine/dirty.py)."""
         mask = self.dirty & self.occupied
         if partition is not None:
             mask &= self.part == partition
         idx = mask.nonzero().flatten()
-        if not len(idx):
-            return []
-        # one indexed copy for all of them (a snapshot per key costs ~10x more); the states
-        # are views into that copy, independent of the pool's later writes
+        key_at = self.key_at
+        keys = [key_at[slot] for slot in idx.tolist()]
+        if None in keys:  # an occupied slot always has its key; never taken, never written
+            idx = idx[long_tensor([i for i, k in enumerate(keys) if k is not None])]
+            keys = [k for k in keys if k is not None]
+        self.dirty[idx] = False
+        # one indexed copy for all of them (a snapshot per key costs ~10x more)
         on_device = idx.to(self.device)
         h = self.h.index_select(1, on_device).to("cpu")
         c = self.c.index_select(1, on_device).to("cpu") if self.c is not None else None
-        seq, pos = self.seq[idx].tolist(), self.pos[idx].tolist()
-        applied, part = self.applied[idx].tolist(), self.part[idx].tolist()
-        version = self.version
-        hists: Sequence[Tensor | None] = [None] * len(idx)
-        if self.history is not None:
+        hists: Sequence[Tensor | None] | None = None
+        if self.history is not None and len(idx):
             ids, lengths = self.history.rows(idx)
             # one split of the valid ids into per-key views (slicing per key costs ~5x more)
             valid = torch.arange(ids.shape[1]) < lengths.unsqueeze(1)
             hists = ids.to(torch.int32)[valid].split(lengths.tolist())
-        # per-key views in one call each (indexing h[:, i] per key cost twice as much: a
-        # checkpoint of 10,000 keys held the event loop ~40 ms, the worst of the latency tail)
-        hs = h.unbind(1)
-        cs: Sequence[Tensor | None] = c.unbind(1) if c is not None else [None] * len(idx)
-        key_at = self.key_at
-        out = [
-            (key, StoredState(hs[i], cs[i], seq[i], pos[i], applied[i], part[i], version, hists[i]))
-            for i, key in enumerate([key_at[slot] for slot in idx.tolist()])
-            if key is not None
-        ]
-        self.dirty[idx] = False
-        return out
+        return DirtyStates(
+            cast(list[str], keys),
+            h,
+            c,
+            self.seq[idx].tolist(),
+            self.pos[idx].tolist(),
+            self.applied[idx].tolist(),
+            self.part[idx].tolist(),
+            self.version,
+            hists,
+        )
+
+    def dirty_partitions(self) -> list[int]:
+        """The source partitions that have changed states (-1: states with no offset yet)."""
+        return sorted(self.part[self.dirty & self.occupied].unique().tolist())
 
     def discard(self, key: str) -> None:
         """Forget a resident key's state without storing it (a newer copy replaces it).

@@ -31,7 +31,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
 from typing import Any, NamedTuple, TypeVar
 
@@ -48,7 +48,7 @@ T = TypeVar("T")
 class Changes(NamedTuple):
     """What one partition's next checkpoint or transaction writes."""
 
-    states: list[tuple[str, StoredState]]
+    states: Sequence[tuple[str, StoredState]]  # a list, or DirtyStates (made when read)
     deleted: list[tuple[str, int]]  # (key, source offset that deleted it): tombstones
 
 
@@ -229,7 +229,6 @@ class DurableState:
         return bool(self.engine.pool.deleted) or bool(self._retry)
 
     def _collect(self, wanted: set[int] | None) -> dict[int, Changes]:
-        out: dict[int, Changes] = defaultdict(lambda: Changes([], []))
         retry_states: list[tuple[str, StoredState]] = []
         retried_deletions: list[tuple[str, int, int]] = []
         for p in [p for p in list(self._retry) if wanted is None or p in wanted]:
@@ -238,47 +237,47 @@ class DurableState:
                     retry_states.append((key, kept))
                 else:
                     retried_deletions.append((key, p, kept))
-        items = (
-            self.engine.pool.take_dirty()
-            if wanted is None
-            else [kv for p in wanted for kv in self.engine.pool.take_dirty(partition=p)]
-        )
-        n_dirty = len(items)
-        items += (
+        pool = self.engine.pool
+        # per source partition (-1: states that never saw an offset, exactly-once off: taken,
+        # never written); copied now, the per-key states made when written (engine/dirty.py)
+        parts = sorted(wanted) if wanted is not None else pool.dirty_partitions()
+        dirty = {p: pool.take_dirty(partition=p) for p in parts}
+        pending = (
             self.store.take_pending()
             if wanted is None
-            else [kv for p in wanted for kv in self.store.take_pending(partition=p)]
+            else [kv for p in sorted(wanted) for kv in self.store.take_pending(partition=p)]
         )
         deletions = (
-            self.engine.pool.take_deleted()
+            pool.take_deleted()
             if wanted is None
-            else [d for p in wanted for d in self.engine.pool.take_deleted(partition=p)]
+            else [d for p in sorted(wanted) for d in pool.take_deleted(partition=p)]
         )
-        newest: Iterable[tuple[str, StoredState]]
-        if len(items) == n_dirty and not retry_states:
-            # only the pool's dirty states: one per key already (the usual checkpoint, taken
-            # while micro-batches wait: no per-key dictionary)
-            newest = items
-        else:
-            # One record per key, the newest: a key evicted (pending) and re-admitted since the
-            # last checkpoint is in both lists, and compaction keeps whichever is written last.
-            by_key: dict[str, StoredState] = {}
-            for key, state in [*items, *retry_states]:
-                old = by_key.get(key)
-                if old is None or state.offset >= old.offset:
-                    by_key[key] = state
-            newest = by_key.items()
-        for key, state in newest:
-            if state.partition >= 0:  # -1: never saw an offset (exactly-once off)
-                out[state.partition].states.append((key, state))
         gone = [*retried_deletions, *deletions]
-        if gone:
-            written = {key for key, _ in newest}
-            for key, partition, offset in gone:
-                # a key deleted and then created again is written as its new state only
-                if partition >= 0 and key not in written:
-                    out[partition].deleted.append((key, offset))
-        return out
+        if not pending and not retry_states and not gone:
+            # the usual checkpoint: the pool's changed states only, one per key already; the
+            # micro-batches wait while it is taken, so nothing is made per key here
+            return {p: Changes(states, []) for p, states in dirty.items() if p >= 0 and states}
+        # One record per key, the newest: a key evicted (pending) and re-admitted since the last
+        # checkpoint is in both lists, and compaction keeps whichever is written last.
+        newest: dict[str, StoredState] = {}
+        for key, state in [*(kv for states in dirty.values() for kv in states), *pending,
+                           *retry_states]:  # fmt: skip
+            old = newest.get(key)
+            if old is None or state.offset >= old.offset:
+                newest[key] = state
+        states_of: dict[int, list[tuple[str, StoredState]]] = defaultdict(list)
+        deleted_of: dict[int, list[tuple[str, int]]] = defaultdict(list)
+        for key, state in newest.items():
+            if state.partition >= 0:  # -1: never saw an offset (exactly-once off)
+                states_of[state.partition].append((key, state))
+        for key, partition, offset in gone:
+            # a key deleted and then created again is written as its new state only
+            if partition >= 0 and key not in newest:
+                deleted_of[partition].append((key, offset))
+        return {
+            p: Changes(states_of.get(p, []), deleted_of.get(p, []))
+            for p in sorted(set(states_of) | set(deleted_of))
+        }
 
     # ------------------------------------------------------------------ rebalance
     async def release(self, partitions: Iterable[int], *, checkpoint: bool = True) -> None:

@@ -188,3 +188,29 @@ def test_retention_arguments_are_checked() -> None:
         StatePool(_cfg(), capacity=1, ttl_s=3600, retention_s=60)
     assert StatePool(_cfg(), capacity=1, ttl_s=60, retention_s=60).retention_s == 60
     assert StatePool(_cfg(), capacity=1).retire() == 0  # no retention: never deletes
+
+
+def test_dirty_states_are_copied_at_once_and_made_per_key_when_read() -> None:
+    from stream_rnn.engine.dirty import READ_SLICE, DirtyStates
+
+    cfg = ModelConfig(task="next-token", cell="lstm", vocab_size=10, hidden_size=3, num_layers=2)
+    pool = StatePool(cfg, capacity=READ_SLICE + 88)
+    keys = [f"k{i}" for i in range(READ_SLICE + 88)]
+    slots = pool.lookup(keys)
+    h, c = torch.randn(2, len(keys), 3), torch.randn(2, len(keys), 3)
+    pool.scatter(slots, (h, c))
+    pool.part[slots] = 7
+    dirty = pool.take_dirty(partition=7)
+    assert isinstance(dirty, DirtyStates) and len(dirty) == len(keys)
+    assert pool.take_dirty(partition=7) == []  # marked clean when taken
+    pool.scatter(slots, (torch.zeros_like(h), torch.zeros_like(c)))  # later writes: not seen
+    made = list(dirty)  # in slices of READ_SLICE
+    assert [k for k, _ in made] == keys and dict(dirty).keys() == set(keys)
+    for i, (key, state) in enumerate(made):
+        assert torch.equal(state.h, h[:, i]) and torch.equal(state.c, c[:, i]), key
+        assert state.partition == 7 and state.version is None
+    assert dirty[-1][0] == keys[-1] and [k for k, _ in dirty[3:9:2]] == ["k3", "k5", "k7"]
+    assert [k for k, _ in dirty[READ_SLICE - 2 : READ_SLICE + 2]] == keys[READ_SLICE - 2 :][:4]
+    assert dirty[5:5] == []
+    with pytest.raises(IndexError):
+        dirty[len(keys)]
