@@ -152,7 +152,8 @@ def execute(args: argparse.Namespace, specs: list[SectionSpec], base: BenchRun |
         run.seconds = sum(s.seconds for s in run.sections.values())
         reruns = run.machine.setdefault("reruns", [])
         reruns.append({"sections": [s.name for s in specs], "seconds": elapsed,
-                       "at": datetime.now(timezone.utc).isoformat(timespec="minutes")})  # noqa: UP017  # fmt: skip
+                       "at": datetime.now(timezone.utc).isoformat(timespec="minutes"),  # noqa: UP017
+                       "commit": machine_info().get("commit")})  # fmt: skip
     run.machine["loadavg_end"] = list(os.getloadavg())
     return run
 
