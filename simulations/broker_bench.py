@@ -546,7 +546,7 @@ async def direct_loop(
     torch.set_num_threads(1)  # as the worker under BASE_ENV
     model, manifest = load_checkpoint(model_dir)
     engine = Engine(model, manifest, capacity=100_000)
-    adapter = Adapter(engine.vocab)
+    adapter = Adapter()
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     sender = OutputSender(bootstrap, client_id="broker-bench-direct")

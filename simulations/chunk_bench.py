@@ -86,7 +86,7 @@ def timed(fn: Callable[[], object]) -> float:
 def run_mode(
     engine: Engine, vocab: Vocab, keys: int, chunk: int, n: int, gc_during_batch: bool
 ) -> dict[str, float]:
-    adapter = Adapter(vocab, max_tokens=max(chunk, 1))
+    adapter = Adapter(max_tokens=max(chunk, 1))
     data = batches(vocab, keys, chunk, n + 2, seed=chunk)
     for batch in data[:2]:  # warm-up: allocator, kernels
         adapter.process(batch, engine)
@@ -122,7 +122,7 @@ def run_mode(
 
 def encode_compare(engine: Engine, vocab: Vocab, keys: int, chunk: int) -> tuple[float, float]:
     """Median seconds to encode one batch's predictions: columnar vs a dict per token."""
-    adapter = Adapter(vocab, max_tokens=chunk)
+    adapter = Adapter(max_tokens=chunk)
     encoder = PredictionEncoder()
     columnar, dicts = [], []
     for batch in batches(vocab, keys, chunk, 7, seed=100 + chunk):
@@ -161,7 +161,7 @@ def main() -> None:
     for start in range(0, args.keys, BATCH):  # admit every key once
         names = [f"user-{i}".encode() for i in range(start, min(start + BATCH, args.keys))]
         warm = [RawRecord(k, first, "t", 0, next(_OFFSETS)) for k in names]
-        Adapter(vocab).process(warm, engine)
+        Adapter().process(warm, engine)
     if args.gc_freeze:
         gc.collect()
         gc.freeze()

@@ -27,6 +27,7 @@ from stream_rnn.engine.exceptions import EngineError, PoolError
 from stream_rnn.engine.heads import Heads
 from stream_rnn.engine.pool import StatePool
 from stream_rnn.engine.ragged import group_slots, long_tensor, step_ragged
+from stream_rnn.engine.served import Served
 from stream_rnn.engine.versions import SwapPolicy, SwapReport, applicable_policy, check_policy
 from stream_rnn.model.config import ModelConfig
 from stream_rnn.model.generate import continue_from, translate
@@ -70,10 +71,11 @@ class Engine:
         swap_policy: SwapPolicy | None = None,
     ) -> None:
         model.check_streamable()
-        self.model = model.eval()
-        self.manifest = manifest
-        self.vocab = Vocab.from_dict(manifest.vocab)
-        self.labels = LabelSet.from_dict({"labels": manifest.labels or []})
+        self.top_k, self.running_estimate = top_k, running_estimate
+        # the model and every table derived from it: replaced as a whole by swap()
+        self.served = Served.build(
+            model.eval(), manifest, top_k=top_k, running_estimate=running_estimate
+        )
         self.device = model.embedding.weight.device
         if self.device.type == "cuda":
             exact_float32()
@@ -104,14 +106,34 @@ class Engine:
         self.pool.bind(manifest.version, self.model, self.vocab)
         # grouping scratch, one entry per pool slot (see ragged.group_slots)
         self._scratch = torch.empty(self.pool.capacity, dtype=torch.long)
-        self.top_k, self.running_estimate = top_k, running_estimate
-        self.heads = Heads(model.config.task, self.vocab, self.labels, top_k, running_estimate)
         self.max_output_len = max_output_len
 
     @property
     def version(self) -> str:
         """The model version serving now; every resident state is of this version."""
-        return self.manifest.version
+        return self.served.manifest.version
+
+    # Read-only views of ``served``: there is no setter, so nothing can replace one table
+    # without the others (a swap replaces ``served`` whole).
+    @property
+    def model(self) -> RecurrentModel:
+        return self.served.model
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.served.manifest
+
+    @property
+    def vocab(self) -> Vocab:
+        return self.served.vocab
+
+    @property
+    def labels(self) -> LabelSet:
+        return self.served.labels
+
+    @property
+    def heads(self) -> Heads:
+        return self.served.heads
 
     # ------------------------------------------------------------------ model swap
     def swap(self, model: RecurrentModel, manifest: Manifest, policy: SwapPolicy) -> SwapReport:
@@ -136,10 +158,11 @@ class Engine:
         policy = check_policy(policy)
         model.check_streamable()
         # everything that can refuse the new model does so before any state changes
-        new_vocab = Vocab.from_dict(manifest.vocab)
-        labels = LabelSet.from_dict({"labels": manifest.labels or []})
-        heads = Heads(model.config.task, new_vocab, labels, self.top_k, self.running_estimate)
         model = model.to(self.device).eval()
+        served = Served.build(
+            model, manifest, top_k=self.top_k, running_estimate=self.running_estimate
+        )
+        new_vocab = served.vocab
         old_version = self.version
         if manifest.version == old_version:
             if manifest.weights_sha256 != self.manifest.weights_sha256:
@@ -161,8 +184,7 @@ class Engine:
                 history=self.pool.history is not None,
             )
             resident = self.pool.swap(model, manifest.version, new_vocab, applied)
-        self.model, self.manifest, self.vocab = model, manifest, new_vocab
-        self.labels, self.heads = labels, heads
+        self.served = served  # every table of the new version at once
         stored = len(self.pool.store)
         if stored and manifest.version != old_version:
             note = f"{note}; " if note else ""
@@ -188,8 +210,18 @@ class Engine:
 
     # ------------------------------------------------------------------ entry point
     @torch.inference_mode()
-    def process(self, events: Sequence[Event]) -> BatchResult:
-        """Apply a micro-batch; per-key order is kept, keys are advanced in one batched step."""
+    def process(self, events: Sequence[Event], served: Served | None = None) -> BatchResult:
+        """Apply a micro-batch; per-key order is kept, keys are advanced in one batched step.
+
+        ``served``: the tables the events' token ids were resolved with (the stream adapter
+        passes the ``served`` it decoded against); refused unless it is the one serving now,
+        as ids of one vocabulary mean other tokens, or nothing, in another's.
+        """
+        if served is not None and served is not self.served:
+            raise EngineError(
+                f"these events were decoded for model {served.version}, but the engine serves "
+                f"{self.version} since a swap: decode the records again with engine.served"
+            )
         result = BatchResult()
         if not events:
             return result

@@ -182,7 +182,7 @@ def _replay(settings: Settings, **o: Any) -> None:
     exits: list[str] = []
     exit_markers: list[tuple[float, str]] = []
     if o["target"] == "inproc":
-        result = _run_inproc(settings, o, schedule, model, manifest, running)
+        result = _run_inproc(settings, o, schedule, (model, manifest, load), running, faults)
     else:
         result, exits, exit_markers = _run_kafka(settings, o, schedule, model.config.task, faults)
     result.faults = sorted(
@@ -239,7 +239,8 @@ def _models(model_dir: str | None, registry_dir: Path, device: str) -> Any:
                 f"(the registry at {registry_dir} has none)"
             )
         model, manifest = load_checkpoint(registry.path(current), device=device)
-    # other versions (a model published mid-stream) from the registry, if it has them
+    # other versions (a model published mid-stream) from the registry, if it has them, or
+    # loaded for an in-process swap (load.cache)
     cache: dict[str, Any] = {manifest.version: (model, manifest)}
 
     def load(version: str) -> Any:
@@ -250,14 +251,36 @@ def _models(model_dir: str | None, registry_dir: Path, device: str) -> Any:
                 cache[version] = None
         return cache[version]
 
+    load.cache = cache  # type: ignore[attr-defined]
     return model, manifest, load
 
 
 def _run_inproc(
-    settings: Settings, o: dict[str, Any], schedule: Any, model: Any, manifest: Any, running: bool
+    settings: Settings,
+    o: dict[str, Any],
+    schedule: Any,
+    models: tuple[Any, Any, Any],
+    running: bool,
+    faults: list[Any],
 ) -> Any:
     from stream_rnn.engine.engine import Engine
-    from stream_rnn.replay.inproc import InprocOptions, run_inproc
+    from stream_rnn.registry.checkpoint import load_checkpoint
+    from stream_rnn.replay.inproc import InprocOptions, run_inproc, swaps_of
+
+    model, manifest, load = models
+    device = o["device"] or settings.device
+
+    def load_source(source: str) -> Any:  # publish:DIR or publish:VERSION (of --registry)
+        if (Path(source) / "manifest.json").is_file():
+            found = load_checkpoint(source, device=device)
+            load.cache.setdefault(found[1].version, found)  # the report's agreement check
+            return found
+        found = load(source)
+        if found is None:
+            raise click.UsageError(f"publish:{source}: no checkpoint directory or registry version")
+        return found
+
+    history = o["history"] if o["history"] is not None else settings.history
 
     engine = Engine(
         model,
@@ -266,6 +289,7 @@ def _run_inproc(
         ttl_s=o["ttl_s"] if o["ttl_s"] is not None else settings.ttl_s,
         storage=o["storage"] or settings.storage,
         running_estimate=running,
+        history=history,
     )
     options = InprocOptions(
         fast=schedule.timing.fast,
@@ -275,7 +299,8 @@ def _run_inproc(
         max_bytes=settings.max_message_bytes,
         max_tokens=settings.max_chunk_tokens,
     )
-    return run_inproc(schedule, engine, options=options, progress=RichReplayProgress())
+    swaps = swaps_of(faults, schedule, load_source)
+    return run_inproc(schedule, engine, options=options, progress=RichReplayProgress(), swaps=swaps)
 
 
 def _run_kafka(

@@ -15,7 +15,9 @@ after the replay started, its clock). ``KIND[:ARG]``:
 ``broker-restart``  stop the local broker (``--kafka-data-dir``), keep it down S seconds
 ``[:S]``            (default 2), start it again on the same port and data
 ``publish:MODEL``   register MODEL (a checkpoint directory, or a version of ``--registry``), make
-                    it production and announce it; done when every owned worker serves it
+                    it production and announce it; done when every owned worker serves it.
+                    In process: the engine swaps to MODEL before the message the trigger
+                    names (nothing is registered)
 ``malformed[:N]``   N malformed messages (default 10: one of each kind below), sent together
                     among the replay's own; each must come back as a dead letter with its reason
 ==================  ==============================================================================
@@ -207,10 +209,10 @@ def check_plan(faults: Sequence[Fault], ctx: PlanContext) -> list[Fault]:
     """Refuse a plan the replay cannot carry out, saying what to pass; resolve the worker each
     worker fault acts on. Whether the broker is a local one is checked where it is known."""
     for fault in faults:
-        if fault.active and not ctx.kafka:
+        if fault.active and not ctx.kafka and fault.kind != "publish":
             raise ReplayError(
-                f"--fault {fault.spec}: only malformed messages can be injected in process; "
-                "give --to kafka for faults of the live system"
+                f"--fault {fault.spec}: only malformed messages and published models can be "
+                "injected in process; give --to kafka for faults of the live system"
             )
         if fault.kind in WORKER_KINDS and ctx.workers == 0:
             raise ReplayError(

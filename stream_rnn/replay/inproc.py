@@ -14,6 +14,13 @@ schedule's own times, so that idle gaps longer than the TTL evict keys and their
 restores them in both cases. Idle keys are expired every ``expire_interval_s`` of replay time,
 as a worker does.
 
+A model published mid-replay (``--fault publish:MODEL@WHEN``) is an `InprocSwap`: the engine
+swaps to it between two micro-batches, exactly before message ``at`` (a batch never spans the
+swap point), under the swap policy asked for, as a worker's hot swap does. Each message is
+decoded with the tables of the model that steps it (`Adapter.process` takes them from the
+engine per batch), so the report's agreement check holds every prediction to the offline pass
+of the version it names.
+
 Example::
 
     engine = Engine(model, manifest, ttl_s=5.0)
@@ -25,14 +32,18 @@ from __future__ import annotations
 
 import math
 import time
-from bisect import bisect_right
-from collections.abc import Callable
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from stream_rnn.engine.engine import Engine
+from stream_rnn.engine.versions import SwapPolicy
+from stream_rnn.model.network import RecurrentModel
+from stream_rnn.registry.checkpoint import Manifest
 from stream_rnn.replay.exceptions import ReplayError
-from stream_rnn.replay.result import NoProgress, Output, Progress, ReplayResult
+from stream_rnn.replay.faults import Fault
+from stream_rnn.replay.result import FaultRecord, NoProgress, Output, Progress, ReplayResult
 from stream_rnn.replay.schedule import Schedule, answer_expected, tokens_answered
 from stream_rnn.stream.adapter import Adapter, RawRecord
 from stream_rnn.stream.codec import DEFAULT_MAX_BYTES, decode_dead_letter, decode_prediction
@@ -61,6 +72,20 @@ class InprocOptions:
             raise ReplayError(f"--max-batch must be >= 1 message, got {self.max_batch}")
 
 
+@dataclass(frozen=True)
+class InprocSwap:
+    """A model swap at message ``at`` (before it, between micro-batches) of an in-process
+    replay: the engine swaps to ``model`` (described by ``manifest``) under ``policy``.
+    ``spec``/``order``: the ``--fault`` it comes from, for the report."""
+
+    at: int
+    model: RecurrentModel
+    manifest: Manifest
+    policy: SwapPolicy = "keep"
+    spec: str = ""
+    order: int = 0
+
+
 class ReplayClock:
     """The pool's clock during a replay: the replay time that `run_inproc` sets."""
 
@@ -79,8 +104,10 @@ def run_inproc(
     progress: Progress | None = None,
     monotonic: Callable[[], float] = time.perf_counter,
     sleep: Callable[[float], None] = time.sleep,
+    swaps: Sequence[InprocSwap] = (),
 ) -> ReplayResult:
-    """Replay ``schedule`` through ``engine`` (a fresh one: its pool is put on replay time)."""
+    """Replay ``schedule`` through ``engine`` (a fresh one: its pool is put on replay time);
+    ``swaps`` change its model mid-replay (sorted by ``at``)."""
     opts = options or InprocOptions()
     progress = progress or NoProgress()
     pool = engine.pool
@@ -88,9 +115,7 @@ def run_inproc(
         raise ReplayError("run_inproc needs a fresh engine: its pool already holds states")
     clock = ReplayClock()
     pool.clock = clock  # before any key is admitted: every idle time is in replay time
-    adapter = Adapter(
-        engine.vocab, unknown=opts.unknown, max_bytes=opts.max_bytes, max_tokens=opts.max_tokens
-    )
+    adapter = Adapter(unknown=opts.unknown, max_bytes=opts.max_bytes, max_tokens=opts.max_tokens)
     events = schedule.events
     n = len(events)
     times = [e.t for e in events]
@@ -105,15 +130,23 @@ def run_inproc(
     answered = 0
     last_expire = 0.0
     span = pool.ttl_s / 10 if pool.ttl_s is not None else math.inf
+    pending = sorted(swaps, key=lambda s: s.at)
+    versions = [engine.version]
+    records_of_faults: list[FaultRecord] = []
     start = monotonic()
     i = 0
     try:
         while i < n:
+            while pending and pending[0].at <= i:
+                records_of_faults.append(_swap(engine, pending.pop(0), monotonic() - start))
+                versions.append(engine.version)
             now = monotonic() - start
             if opts.fast:
                 # a batch spans at most a tenth of the TTL of schedule time, so that the idle
                 # times the pool measures (per batch) are within 10 % of the recorded ones
                 j = min(n, i + opts.max_batch, bisect_right(times, times[i] + span, lo=i + 1))
+                if pending:  # the swap point closes the batch
+                    j = min(j, max(pending[0].at, i + 1))
                 sent_at[i:j] = [now] * (j - i)
                 clock.now = times[j - 1]
             else:
@@ -122,6 +155,8 @@ def run_inproc(
                     sleep(times[i] - now)
                     continue
                 j = min(due, i + opts.max_batch)
+                if pending:  # the swap point closes the batch
+                    j = min(j, max(pending[0].at, i + 1))
                 sent_at[i:j] = times[i:j]
                 clock.now = now
             if pool.ttl_s is not None and clock.now - last_expire >= opts.expire_interval_s:
@@ -145,8 +180,9 @@ def run_inproc(
         elapsed_s=elapsed,
         sent=n,
         batches=batches,
-        versions_served=[engine.version],
+        versions_served=list(dict.fromkeys(versions)),
     )
+    result.faults = records_of_faults
     _match(result, raw, schedule)
     result.pool = {
         "evictions": pool.evictions,
@@ -176,3 +212,43 @@ def _match(
         for _, value in dead:
             body = decode_dead_letter(value)
             result.outputs.append(Output(int(body["offset"]), at, "dead_letter", body))
+
+
+def _swap(engine: Engine, swap: InprocSwap, at: float) -> FaultRecord:
+    """Apply one swap now; what it did, as the report's fault record."""
+    record = FaultRecord(swap.spec or f"publish:{swap.manifest.version}", "publish", swap.order)
+    record.at, record.wall = at, time.time()
+    report = engine.swap(swap.model, swap.manifest, swap.policy)
+    record.status, record.done_at = "done", at + report.seconds
+    note = f": {report.note}" if report.note else ""
+    record.detail = (
+        f"{report.from_version} -> {report.to_version} at message {swap.at} (policy "
+        f"{report.policy_applied}, {report.keys_resident} resident keys converted){note}"
+    )
+    record.markers.append((at, f"model {report.to_version[:14]}"))
+    return record
+
+
+def swaps_of(
+    faults: Sequence[Fault],
+    schedule: Schedule,
+    load: Callable[[str], tuple[RecurrentModel, Manifest]],
+    policy: SwapPolicy = "keep",
+) -> list[InprocSwap]:
+    """The in-process swaps of the plan's ``publish`` faults: each one's model (``load``: a
+    checkpoint directory or a registry version -> model and manifest) and the message it
+    precedes (a share of the messages, or the first message at or after its time)."""
+    n = len(schedule.events)
+    times = [e.t for e in schedule.events]
+    out = []
+    for fault in faults:
+        if fault.kind != "publish" or fault.arg is None:
+            continue
+        when = fault.when
+        if when.fraction is not None:
+            at = when.threshold(n)
+        else:
+            at = bisect_left(times, when.seconds or 0.0)
+        model, manifest = load(fault.arg)
+        out.append(InprocSwap(at, model, manifest, policy, fault.spec, fault.order))
+    return out

@@ -1,18 +1,22 @@
 """Kafka-free glue between raw records and the engine: decode, dead-letter, encode.
 
-A worker hands a poll's raw records to `Adapter.decode`, runs the engine on the events, and
-`Adapter.finish` turns the engine's result into encoded prediction and dead-letter messages.
+A worker hands a poll's raw records to `Adapter.process` with its engine: `Adapter.decode`
+resolves tokens with the tables the engine serves now (``engine.served``), the engine runs the
+events (refusing them if a swap came in between), and `Adapter.finish` turns the result into
+encoded prediction and dead-letter messages. The adapter holds no model table of its own, so
+a hot swap (another vocabulary, other labels) can never leave it encoding for an old model.
 Everything rejected, by the decoder or by the engine, becomes a dead letter that carries the
 original bytes and ``partition:offset``. No Kafka client is imported here, so the whole path is
 unit-testable (and the simulator or a benchmark can drive it).
 
 >>> from stream_rnn.train.vocab import Vocab
->>> adapter = Adapter(Vocab.from_tokens(["a", "b"], "char"))
->>> batch = adapter.decode([RawRecord(b"u1", b'{"v":1,"type":"token","token":"a"}', "t", 0, 7)])
+>>> adapter, vocab = Adapter(), Vocab.from_tokens(["a", "b"], "char")
+>>> raw = RawRecord(b"u1", b'{"v":1,"type":"token","token":"a"}', "t", 0, 7)
+>>> batch = adapter.decode([raw], vocab)
 >>> batch.events[0].key, batch.events[0].token, batch.events[0].id, batch.dead_letters
 ('u1', 4, '0:7', [])
->>> adapter.decode([RawRecord(b"u1", b'{"v":1,"type":"tokens","tokens":["a",5]}', "t", 0, 8)]
-...                ).events[0].tokens
+>>> raw = RawRecord(b"u1", b'{"v":1,"type":"tokens","tokens":["a",5]}', "t", 0, 8)
+>>> adapter.decode([raw], vocab).events[0].tokens
 [4, 5]
 """
 
@@ -105,21 +109,22 @@ class Outputs:
 class Adapter:
     """Raw records -> engine events -> encoded predictions and dead letters.
 
-    ``unknown`` is the policy for string tokens not in the vocabulary: ``"unk"`` maps them to
-    ``<unk>`` (as offline scoring does), ``"reject"`` dead-letters them (a chunk with one: the
-    whole chunk, the detail naming the token's index). ``max_bytes`` bounds a message's
-    value, ``max_tokens`` the tokens of one ``tokens`` chunk.
+    ``unknown`` is the policy for string tokens not in the vocabulary of the model served:
+    ``"unk"`` maps them to its ``<unk>`` (as offline scoring does), ``"reject"`` dead-letters
+    them (a chunk with one: the whole chunk, the detail naming the token's index).
+    ``max_bytes`` bounds a message's value, ``max_tokens`` the tokens of one ``tokens`` chunk.
+    The vocabulary is never the adapter's: `process` takes the engine's current ``served``
+    tables for each micro-batch.
 
     Example::
 
-        adapter = Adapter(engine.vocab, unknown="reject", max_bytes=4096)
+        adapter = Adapter(unknown="reject", max_bytes=4096)
         out = adapter.process(records, engine)
         for key, value in out.predictions: producer.send("predictions", value, key=key)
     """
 
     def __init__(
         self,
-        vocab: Vocab,
         *,
         unknown: Literal["unk", "reject"] = "unk",
         max_bytes: int = DEFAULT_MAX_BYTES,
@@ -130,7 +135,6 @@ class Adapter:
     ) -> None:
         if unknown not in ("unk", "reject"):
             raise ValueError(f"unknown-token policy {unknown!r}; use 'unk' or 'reject'")
-        self.vocab = vocab
         self.unknown: Literal["unk", "reject"] = unknown
         self.max_bytes = max_bytes
         if max_tokens < 1:
@@ -141,8 +145,9 @@ class Adapter:
         self.clock = clock
         self.exactly_once = exactly_once
 
-    def decode(self, records: Sequence[RawRecord]) -> Decoded:
-        """Validate and decode ``records``; rejected ones become dead letters right away."""
+    def decode(self, records: Sequence[RawRecord], vocab: Vocab) -> Decoded:
+        """Validate and decode ``records``, token strings resolved in ``vocab`` (that of the
+        model that will step them); rejected ones become dead letters right away."""
         # A None value (tombstone) is allowed in: decode_batch rejects it as not_json.
         values: list[Any] = [r.value for r in records]
         decoded = decode_batch(values, max_bytes=self.max_bytes, max_tokens=self.max_tokens)
@@ -150,7 +155,7 @@ class Adapter:
         dead: list[tuple[bytes | None, bytes]] = []
         dead_parts: list[int] = []
         by_id: dict[str, RawRecord] = {}
-        stoi, vocab, unknown = self.vocab.stoi, self.vocab, self.unknown
+        stoi, unknown = vocab.stoi, self.unknown
         now = self.clock()
         for rec, msg in zip(records, decoded, strict=True):
             try:
@@ -207,6 +212,11 @@ class Adapter:
     def process(self, records: Sequence[RawRecord], engine: Engine) -> Outputs:
         """`decode`, ``engine.process``, `finish`; reports the batch to the sensor.
 
+        The records are decoded with the tables of the model the engine serves now, and the
+        same ``served`` object goes with the events to ``engine.process``: a swap between the
+        two (another thread) is refused there rather than stepping ids of one vocabulary
+        through another model.
+
         Automatic garbage collection waits while a batch is processed: its many short-lived
         containers (events, per-token lists of the encoder) die by reference counting at its
         end, whereas a collection in the middle would promote them and set off full
@@ -216,9 +226,10 @@ class Adapter:
         """
         started = time.perf_counter()
         with _gc_paused():
-            batch = self.decode(records)
+            served = engine.served
+            batch = self.decode(records, served.vocab)
             stepping = time.perf_counter()
-            result = engine.process(batch.events)
+            result = engine.process(batch.events, served)
             self.sensor.on_step(time.perf_counter() - stepping)
             out = self.finish(batch, result)
             by_partition: Counter[int] = Counter()

@@ -127,7 +127,6 @@ class StreamWorker(CommitMixin):
         self.engine = Engine(model, manifest, pool=pool, running_estimate=opts.running_estimate)
         self.sensor = CountingSensor()
         self.adapter = Adapter(
-            self.engine.vocab,
             unknown=opts.unknown_token,
             max_bytes=opts.max_message_bytes,
             max_tokens=opts.max_chunk_tokens,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -66,7 +67,7 @@ def _letters(adapter_out: list[tuple[bytes | None, bytes]]) -> list[dict[str, An
 
 
 def test_valid_records_become_engine_events() -> None:
-    adapter = Adapter(VOCAB)
+    adapter = Adapter()
     batch = adapter.decode(
         [
             _rec(b'{"v":1,"type":"token","token":"b","ts":1700000000.5}', offset=10),
@@ -75,7 +76,8 @@ def test_valid_records_become_engine_events() -> None:
             _rec(b'{"v":1,"type":"end"}', offset=13),
             _rec(b'{"v":1,"type":"reset","ts":3}', b"k2", offset=14),
             _rec(b'{"v":1,"type":"generate","n":4,"top_k":2,"seed":7}', "é".encode(), 15),
-        ]
+        ],
+        VOCAB,
     )
     assert batch.dead_letters == []
     got = [(e.key, e.kind, e.token, e.id, e.ts) for e in batch.events]
@@ -118,9 +120,9 @@ def test_rejected_records_become_dead_letters_with_their_bytes(
     key: bytes | None, value: bytes | None, reason: str
 ) -> None:
     sensor = CountingSensor()
-    adapter = Adapter(VOCAB, unknown="reject", max_bytes=64, sensor=sensor, clock=FakeClock())
+    adapter = Adapter(unknown="reject", max_bytes=64, sensor=sensor, clock=FakeClock())
     good = _rec(b'{"v":1,"type":"token","token":"a"}', offset=4)
-    batch = adapter.decode([good, RawRecord(key, value, "tokens", 1, 99, None), good])
+    batch = adapter.decode([good, RawRecord(key, value, "tokens", 1, 99, None), good], VOCAB)
     assert [e.id for e in batch.events] == ["2:4", "2:4"]
     [letter] = _letters(batch.dead_letters)
     assert letter["reason"] == reason, letter["detail"]
@@ -133,7 +135,7 @@ def test_rejected_records_become_dead_letters_with_their_bytes(
 
 def test_engine_rejections_carry_the_original_record() -> None:
     engine = _engine()
-    adapter = Adapter(VOCAB, clock=FakeClock())
+    adapter = Adapter(clock=FakeClock())
     ghost = b'{"v":1,"type":"end","ts":1}'
     out = adapter.process(
         [
@@ -155,7 +157,7 @@ def test_engine_rejections_carry_the_original_record() -> None:
 def test_predictions_are_finalised_and_match_the_schema() -> None:
     clock = FakeClock(1_700_000_002.0)
     sensor = CountingSensor()
-    adapter = Adapter(VOCAB, clock=clock, sensor=sensor)
+    adapter = Adapter(clock=clock, sensor=sensor)
     out = adapter.process(
         [
             _rec(b'{"v":1,"type":"token","token":"a","ts":1700000001.5}', b"u", 0),
@@ -205,7 +207,7 @@ def test_streamed_through_the_adapter_equals_offline_scoring() -> None:
         raws.append(RawRecord(key.encode(), orjson.dumps(ev), "t", 0, len(raws)))
         if not queues[key]:
             del queues[key]
-    adapter = Adapter(engine.vocab)
+    adapter = Adapter()
     preds = []
     for start in range(0, len(raws), 7):
         out = adapter.process(raws[start : start + 7], engine)
@@ -220,7 +222,7 @@ def test_streamed_through_the_adapter_equals_offline_scoring() -> None:
 
 def test_outputs_are_grouped_by_source_partition() -> None:
     """Exactly-once puts each output into the transaction of the partition that caused it."""
-    adapter = Adapter(VOCAB)
+    adapter = Adapter()
     records = [
         RawRecord(b"k1", b'{"v":1,"type":"token","token":"a"}', "t", 2, 10),
         RawRecord(b"k2", b"not json", "t", 0, 4),
@@ -236,8 +238,8 @@ def test_outputs_are_grouped_by_source_partition() -> None:
 
 
 def test_engine_rejection_of_a_generate_becomes_a_dead_letter() -> None:
-    adapter = Adapter(VOCAB)
-    batch = adapter.decode([_rec(b'{"v":1,"type":"generate","n":2}', offset=3)])
+    adapter = Adapter()
+    batch = adapter.decode([_rec(b'{"v":1,"type":"generate","n":2}', offset=3)], VOCAB)
     result = BatchResult(rejections=[Rejection(batch.events[0], "bad_value", "not next-token")])
     [letter] = _letters(adapter.finish(batch, result).dead_letters)
     assert (letter["reason"], letter["offset"]) == ("bad_value", 3)
@@ -245,22 +247,23 @@ def test_engine_rejection_of_a_generate_becomes_a_dead_letter() -> None:
 
 def test_greedy_ignores_the_temperature_floor() -> None:
     value = b'{"v":1,"type":"generate","n":2,"greedy":true,"temperature":1e-300}'
-    batch = Adapter(VOCAB).decode([_rec(value)])
+    batch = Adapter().decode([_rec(value)], VOCAB)
     assert batch.dead_letters == [] and isinstance(batch.events[0], Event)
     assert MIN_TEMPERATURE > 1e-300
 
 
 def test_unknown_policy_is_checked() -> None:
     with pytest.raises(ValueError, match="'drop'"):
-        Adapter(VOCAB, unknown="drop")  # type: ignore[arg-type]
+        Adapter(unknown="drop")  # type: ignore[arg-type]
 
 
 def test_chunks_become_one_engine_event_each() -> None:
-    batch = Adapter(VOCAB).decode(
+    batch = Adapter().decode(
         [
             _rec(b'{"v":1,"type":"tokens","tokens":["a","b",6,"zz"],"ts":5}', offset=20),
             _rec(b'{"v":1,"type":"tokens","tokens":[4]}', b"k2", offset=21),
-        ]
+        ],
+        VOCAB,
     )
     assert batch.dead_letters == []
     got = [(e.key, e.kind, e.token, e.tokens, e.id, e.ts, e.offset) for e in batch.events]
@@ -284,7 +287,7 @@ def test_chunks_become_one_engine_event_each() -> None:
 )  # fmt: skip
 def test_a_bad_chunk_is_dead_lettered_whole(value: bytes, reason: str, detail: str) -> None:
     engine = _engine()
-    adapter = Adapter(VOCAB, unknown="reject", max_bytes=64, max_tokens=4, clock=FakeClock())
+    adapter = Adapter(unknown="reject", max_bytes=64, max_tokens=4, clock=FakeClock())
     good = b'{"v":1,"type":"tokens","tokens":["a","b"]}'
     out = adapter.process(
         [_rec(good, offset=1), _rec(value, offset=2), _rec(good, offset=3)], engine
@@ -301,7 +304,7 @@ def test_a_bad_chunk_is_dead_lettered_whole(value: bytes, reason: str, detail: s
 def test_chunk_predictions_on_the_wire() -> None:
     clock = FakeClock(1_700_000_003.0)
     sensor = CountingSensor()
-    adapter = Adapter(VOCAB, clock=clock, sensor=sensor)
+    adapter = Adapter(clock=clock, sensor=sensor)
     out = adapter.process(
         [
             _rec(b'{"v":1,"type":"token","token":"a","ts":1700000002.0}', b"u", 5, part=1),
@@ -366,7 +369,7 @@ def test_chunked_and_per_token_streams_collect_to_the_same_lines() -> None:
     ]
 
     def stream(chunked: bool) -> list[dict[str, Any]]:
-        engine, adapter = _engine(), Adapter(VOCAB)
+        engine, adapter = _engine(), Adapter()
         queues = {r.key: list(r.tokens or []) for r in records}
         raws: list[RawRecord] = []
         while queues:
@@ -401,14 +404,15 @@ def test_collections_wait_while_a_batch_is_processed() -> None:
 
     class Probe:
         seen: list[bool] = []
+        served = SimpleNamespace(vocab=VOCAB)
 
-        def process(self, events: list[Event]) -> BatchResult:
+        def process(self, events: list[Event], served: object = None) -> BatchResult:
             self.seen.append(gc.isenabled())
             if len(self.seen) == 2:
                 raise RuntimeError("engine fault")
             return BatchResult()
 
-    probe, adapter = Probe(), Adapter(VOCAB)
+    probe, adapter = Probe(), Adapter()
     adapter.process([], probe)  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match="engine fault"):
         adapter.process([], probe)  # type: ignore[arg-type]

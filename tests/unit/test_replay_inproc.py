@@ -19,7 +19,7 @@ from stream_rnn.model.network import RecurrentModel
 from stream_rnn.predict.offline import score_records
 from stream_rnn.registry.checkpoint import Manifest, load_checkpoint, save_checkpoint
 from stream_rnn.replay.analysis import analyse
-from stream_rnn.replay.inproc import InprocOptions, run_inproc
+from stream_rnn.replay.inproc import InprocOptions, InprocSwap, run_inproc
 from stream_rnn.replay.schedule import Timing, build_schedule
 
 TS0 = 1_700_000_000.0
@@ -85,9 +85,9 @@ def test_micro_batches_follow_the_schedule_and_latency_counts_from_it(tmp_path: 
     engine = Engine(model, manifest)
     real_process = engine.process
 
-    def slow_process(events: Any) -> Any:
+    def slow_process(events: Any, served: Any = None) -> Any:
         now[0] += 0.25
-        return real_process(events)
+        return real_process(events, served)
 
     engine.process = slow_process  # type: ignore[method-assign]
     result = run_inproc(schedule, engine, monotonic=monotonic, sleep=sleep)
@@ -165,16 +165,11 @@ def test_a_swap_mid_replay_is_checked_under_the_policy_that_reproduces_it(
     second, second_manifest = load_checkpoint(tmp_path / "v2")
     schedule = build_schedule(data, level="char", timing=Timing(fast=True), seed=2)
     engine = Engine(first, first_manifest)
-    real_process, batches = engine.process, [0]
-
-    def process(events: Any) -> Any:  # the new version arrives before the 6th micro-batch
-        batches[0] += 1
-        if batches[0] == 6:
-            engine.swap(second, second_manifest, policy)  # type: ignore[arg-type]
-        return real_process(events)
-
-    engine.process = process  # type: ignore[method-assign]
-    result = run_inproc(schedule, engine, options=InprocOptions(fast=True, max_batch=50))
+    # the new version arrives before the 6th micro-batch
+    swap = InprocSwap(250, second, second_manifest, policy)  # type: ignore[arg-type]
+    result = run_inproc(
+        schedule, engine, options=InprocOptions(fast=True, max_batch=50), swaps=[swap]
+    )
     models = {
         m.version: (net, m) for net, m in ((first, first_manifest), (second, second_manifest))
     }

@@ -123,13 +123,13 @@ def test_malformed_messages_are_dead_lettered_with_the_reason_they_name() -> Non
     assert len(bad) / len(rows) == pytest.approx(0.05, abs=0.005)
     reasons = Counter(r["expect"] for r in bad)
     assert set(reasons) == {b[0] for b in catalog._BAD}
-    adapter = Adapter(Vocab.from_tokens(list("abcdefghijklmnopqrstuvwxyz ."), "char"))
+    adapter, vocab = Adapter(), Vocab.from_tokens(list("abcdefghijklmnopqrstuvwxyz ."), "char")
     for i, row in enumerate(bad[:40]):
         value = (
             row["raw"].encode() if "raw" in row else __import__("base64").b64decode(row["raw_b64"])
         )
         key = None if row["key"] is None else row["key"].encode()
-        decoded = adapter.decode([RawRecord(key, value, "t", 0, i)])
+        decoded = adapter.decode([RawRecord(key, value, "t", 0, i)], vocab)
         if row["expect"] == "unknown_key":  # well formed: the engine finds no state for it
             assert decoded.events and row["key"].startswith("ghost-")
         else:

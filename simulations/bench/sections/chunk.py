@@ -32,7 +32,7 @@ def run(ctx: Context, section: Section) -> None:
         for start in range(0, cfg["keys"], BATCH):  # admit every key once
             names = [f"user-{i}".encode() for i in range(start, min(start + BATCH, cfg["keys"]))]
             warm = [RawRecord(k, first, "t", 0, next(_OFFSETS)) for k in names]
-            Adapter(vocab).process(warm, engine)
+            Adapter().process(warm, engine)
         per_token = run_mode(engine, vocab, cfg["keys"], 1, cfg["batches"], False)
         chunks = run_mode(engine, vocab, cfg["keys"], cfg["chunk"], cfg["batches"], False)
     finally:
