@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from stream_rnn.engine.versions import keep_refusal
 from stream_rnn.model.network import RecurrentModel
 from stream_rnn.predict.format import next_token_line, tag_line
 from stream_rnn.predict.offline import score_records
@@ -155,17 +156,19 @@ class OfflinePass:
             verdict.not_checked[f"no model for version {missing}"] += preds.count
             return
         before = _per_token(self.lines[(first, s)])[:swap_at]
-        tried = []
+        tried: list[tuple[str, Agreement]] = []
         for policy in ("keep", "reset", "rewarm"):
             after = self._after_swap(a, b, self.schedule.sequences[s].items, swap_at, policy)
+            if after is None:
+                continue  # this policy cannot apply between these two models
             trial = Agreement()
             self._compare_one(trial, before + after, None, preds, s)
-            tried.append(trial)
+            tried.append((policy, trial))
             if trial.mismatched == 0:
                 break
-        best = tried[-1]
+        applied, best = tried[-1]
         if best.mismatched == 0:
-            verdict.span_policies[("keep", "reset", "rewarm")[len(tried) - 1]] += 1
+            verdict.span_policies[applied] += 1
         verdict.checked += best.checked
         verdict.mismatched += best.mismatched
         verdict.max_diff = max(verdict.max_diff, best.max_diff)
@@ -184,18 +187,27 @@ class OfflinePass:
         items: list[Any],
         swap_at: int,
         policy: str,
-    ) -> list[dict[str, Any]]:
-        """The second version's per-token outputs from ``swap_at`` on, under ``policy``."""
+    ) -> list[dict[str, Any]] | None:
+        """The second version's per-token outputs from ``swap_at`` on, under ``policy`` (None:
+        ``keep`` between models whose architecture or vocabulary differ, which a swap
+        refuses)."""
         (model_a, man_a), (model_b, man_b) = a, b
         vocab_a, vocab_b = Vocab.from_dict(man_a.vocab), Vocab.from_dict(man_b.vocab)
         device = model_b.embedding.weight.device
-        ids = torch.tensor([vocab_b.encode(items)], dtype=torch.long, device=device)
+        encoded = vocab_b.encode(items)
         start, state = swap_at, None
         if policy == "keep":
+            if keep_refusal(model_a.config, vocab_a, model_b.config, vocab_b) is not None:
+                return None
             prefix = torch.tensor([vocab_a.encode(items[:swap_at])], dtype=torch.long)
             _, state = model_a(prefix.to(model_a.embedding.weight.device))
         elif policy == "rewarm":  # recomputed from the last `history` tokens (0: all of them)
             start = max(0, swap_at - self.history) if self.history else 0
+            # the history holds the first version's ids: mapped through their strings, so a
+            # token that version did not know stays <unk> under the second
+            known = [vocab_a.itos[i] for i in vocab_a.encode(items[start:swap_at])]
+            encoded[start:swap_at] = [vocab_b.stoi.get(t, vocab_b.unk_id) for t in known]
+        ids = torch.tensor([encoded], dtype=torch.long, device=device)
         out, _ = model_b(ids[:, start:], state)
         logits = out[0, swap_at - start :]
         if self.task == "tag":
