@@ -19,6 +19,7 @@ deployment's policy.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, cast, get_args
 
@@ -185,10 +186,21 @@ class VersionBook:
         # the models of rewarm targets whose states may still be rewarmed lazily (see _prune)
         self._models: dict[str, RecurrentModel] = {}
         self._plans: dict[tuple[str | None, bool], Plan] = {}
+        self._lineage: list[tuple[str, SwapPolicy]] = []  # see announce()
 
     @property
     def transitions(self) -> list[Transition]:
         return list(self._transitions.values())
+
+    def announce(self, policy: SwapPolicy, lineage: Sequence[tuple[str, SwapPolicy]] = ()) -> None:
+        """What the swaps this process did not see asked for: ``policy``, the one announced
+        with the version served now, replaces the deployment's for states it cannot trace;
+        ``lineage`` (the registry's promotions, oldest first: version and the policy its
+        announcement asked for) folds the policies between a state's version and the current
+        one, as a worker that stayed up through them would have applied them."""
+        self.policy = check_policy(policy)
+        self._lineage = [(v, check_policy(p)) for v, p in lineage]
+        self._plans.clear()
 
     def remember(self, version: str, config: ModelConfig, vocab: Vocab) -> None:
         """Learn a past version's architecture and vocabulary, so that its states (restored
@@ -273,18 +285,46 @@ class VersionBook:
         model = self.model if target == self.version else self._models.get(target, self.model)
         return Plan("rewarm", model=model, id_map=id_map, vocab_size=len(self.vocab), reason=reason)
 
+    def _lineage_policy(self, version: str | None) -> tuple[SwapPolicy, str] | None:
+        """The announced policies from ``version`` to the current one, folded (None: the
+        lineage does not lead from it): a reset anywhere clears the state, else a rewarm
+        recomputes it, else it is kept."""
+        names = [v for v, _ in self._lineage]
+        if version is None or version not in names or self.version not in names:
+            return None
+        start = len(names) - 1 - names[::-1].index(version)
+        end = len(names) - 1 - names[::-1].index(self.version)
+        if start >= end:
+            return None
+        steps = self._lineage[start + 1 : end + 1]
+        policies = {p for _, p in steps}
+        folded: SwapPolicy = (
+            "reset" if "reset" in policies else "rewarm" if "rewarm" in policies else "keep"
+        )
+        path = " -> ".join([version, *(f"{v} ({p})" for v, p in steps)])
+        return folded, f"registry lineage {path}"
+
     def _untraced(self, version: str | None) -> Plan:
-        """A state whose version no recorded swap leads from: the deployment's policy."""
+        """A state whose version no swap of this process leads from: the announced policies
+        of the registry's lineage, or the one announced with the current version (the
+        deployment's before any announcement). A keep needs the state's version to be known
+        (verified): a state of a version this process cannot verify is never kept blindly."""
         shown = "no version" if version is None else f"version {version}"
-        reason = f"{shown} (no recorded swap to {self.version}): deployment policy {self.policy}"
+        policy = self.policy
+        reason = f"{shown} (no recorded swap to {self.version}): policy {policy}"
+        traced = self._lineage_policy(version)
+        if traced is not None:
+            policy, reason = traced
         known = self._known.get(version) if version is not None else None
-        if self.policy == "keep" and known is not None:
+        if policy == "keep":
+            if known is None:
+                return self._fallback(version, f"{reason}; {shown} is unknown or unverified")
             refusal = keep_refusal(known[0], known[1], self.model.config, self.vocab)
             if refusal is not None:
                 return self._fallback(version, refusal)
-        if self.policy == "rewarm":
+        if policy == "rewarm":
             return self._fallback(version, reason, rewarm_reason=reason)
-        return Plan(self.policy, reason=reason)
+        return Plan(policy, reason=reason)
 
     def _vocab_of(self, version: str | None) -> Vocab | None:
         if version == self.version or (version is None and self.adopt_unversioned):

@@ -437,7 +437,10 @@ def _checkpointed_v1(
     ("policy", "model2", "remember", "expected"),
     [
         ("reset", {"hidden": 9}, False, "reset"),  # today: a shape mismatch raised
-        ("keep", {}, False, "keep"),  # same shape, version unknown: the deployment's keep
+        # same shape, version unknown (unverified): never kept blindly (issue 17), and without
+        # its vocabulary it cannot be rewarmed either
+        ("keep", {}, False, "reset"),
+        ("keep", {}, True, "keep"),  # v1 known (verified) and the same model shape: kept
         ("keep", {"hidden": 9}, True, "rewarm"),  # keep cannot be: rewarm (vocab known)
         ("keep", {"hidden": 9}, False, "reset"),  # ... without the vocabulary: reset
         ("keep", {"vocab": OTHER}, True, "rewarm"),  # v1 remembered: keep refused (vocab)
@@ -493,4 +496,47 @@ def test_records_without_a_version_are_adopted_or_get_the_policy(
     assert pool.conversions["keep" if adopt else "reset"] == 1
     assert [(k, s.version) for k, s in pool.take_dirty()] == [("k", "v1")]
     assert engine.version == "v1"
+    store.close()
+
+
+@pytest.mark.parametrize(
+    ("deployment", "announced", "lineage", "expected"),
+    [
+        # v1 -> v2 asked for rewarm: a restarted worker (deployment default reset) rewarms
+        ("reset", "rewarm", [], "rewarm"),
+        # ... and a keep asked for, between models that allow it, keeps
+        ("reset", "keep", [], "keep"),
+        # the registry's lineage v1 -> v2 (reset) -> v3 (keep): the reset in between clears
+        # the state although the current announcement says keep
+        ("rewarm", "keep", [("v1", "keep"), ("vx", "reset"), ("v2", "keep")], "reset"),
+        ("reset", "keep", [("v1", "keep"), ("vx", "keep"), ("v2", "keep")], "keep"),
+    ],
+)
+def test_restored_states_follow_the_announced_policy_whichever_worker_restores_them(
+    tmp_path: Path,
+    deployment: SwapPolicy,
+    announced: SwapPolicy,
+    lineage: list[tuple[str, SwapPolicy]],
+    expected: str,
+) -> None:
+    """A state stored under v1, restored after v1 -> v2 by a worker that never served v1,
+    gets what v2's announcement (and the registry's promotions before it) asked for, not the
+    deployment's default."""
+    keys = [f"k{i}" for i in range(6)]
+    before, rows, _ = _checkpointed_v1(keys, seed=5)
+    v1, m1 = _model("v1", seed=1)
+    v2, m2 = _model("v2", seed=2)
+    store = DiskStateStore(tmp_path / "states.db")
+    store.put_restored_encoded(rows)
+    pool = StatePool(v2.config, 3, store=store, history=H, swap_policy=deployment)
+    engine = Engine(v2, m2, pool=pool)
+    engine.remember(m1)  # v1 verified in the registry
+    assert pool.book is not None
+    pool.book.announce(announced, lineage)
+    for key in keys:
+        ref = Ref.start(v1, before[key])
+        if expected != "keep":
+            ref = ref.swap(expected, v2, VOCAB, VOCAB)
+        _check_key(engine, key, ref)
+    assert pool.conversions[expected] == len(keys)
     store.close()
