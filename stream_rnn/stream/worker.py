@@ -57,9 +57,11 @@ from faust.types import EventT
 
 from stream_rnn.engine.diskstore import DiskStateStore
 from stream_rnn.engine.engine import Engine
+from stream_rnn.engine.exceptions import PoolError
 from stream_rnn.engine.pool import StatePool
-from stream_rnn.registry.checkpoint import load_checkpoint, read_manifest
-from stream_rnn.registry.exceptions import RegistryError, UpdateRejected
+from stream_rnn.engine.versions import SwapPolicy, check_policy
+from stream_rnn.registry.checkpoint import load_checkpoint
+from stream_rnn.registry.exceptions import CheckpointError, RegistryError, UpdateRejected
 from stream_rnn.registry.updates import VerifiedUpdate
 from stream_rnn.registry.versions import Registry
 from stream_rnn.stream import faust_boundary as fb
@@ -356,6 +358,7 @@ class StreamWorker(CommitMixin):
                 return
             pause = time.monotonic() - paused
         self.sensor.on_swap(pause)
+        self.follow_policy(update.policy)
         note = "; ".join(n for n in (verified.note, report.note) if n)
         self.swaps.append(
             {
@@ -377,19 +380,39 @@ class StreamWorker(CommitMixin):
         )  # fmt: skip
 
     def _remember_versions(self, versions: set[str]) -> None:
-        """Restored states of versions this process never served: their manifests from the
-        registry give the engine an exact keep check and a vocabulary map for a rewarm."""
+        """Restored states of versions this process never served: their checkpoints in the
+        registry, verified as a swap verifies them (sha256, names, shapes, finite values),
+        give the engine an exact keep check and a vocabulary map for a rewarm. A version that
+        does not verify stays unknown: its states are never kept, only rewarmed or reset."""
         if self.opts.registry is None:
             return
         for version in versions - self._known_versions:
             self._known_versions.add(version)
             try:
-                manifest = read_manifest(Registry(self.opts.registry).path(version))
-            except RegistryError as err:
-                log.warning("restored states of model %s, not in the registry (%s): they get "
-                            "the swap policy as an unknown version", version, err)  # fmt: skip
+                _, manifest = load_checkpoint(Registry(self.opts.registry).path(version))
+            except (RegistryError, CheckpointError) as err:
+                log.warning("restored states of model %s, which does not verify in the registry "
+                            "(%s): they get the swap policy as an unknown version (no keep)",
+                            version, err)  # fmt: skip
                 continue
             self.engine.remember(manifest)
+
+    def follow_policy(self, policy: str) -> None:
+        """States restored from versions this process did not swap from get ``policy``, the
+        one announced with the version served now, folded over the registry's promotions
+        (`VersionBook.announce`), instead of the deployment's default."""
+        book = self.engine.pool.book
+        if book is None:
+            return
+        lineage: list[tuple[str, SwapPolicy]] = []
+        if self.opts.registry is not None:
+            try:
+                history = Registry(self.opts.registry).swap_history()
+                lineage = [(v, check_policy(p)) for v, p in history]
+            except (RegistryError, PoolError) as err:
+                log.warning("the registry's promotion history is unreadable (%s); restored "
+                            "states get the announced policy %s", err, policy)  # fmt: skip
+        book.announce(check_policy(policy), lineage)
 
     def update_rejected(self, err: UpdateRejected) -> None:
         """A refused model update: counted by reason (the current model keeps serving)."""
