@@ -408,3 +408,30 @@ def test_in_process_replay_swaps_to_another_vocabulary_and_agrees_offline(tmp_pa
         agreement = analysis.agreement
         assert agreement.mismatched == 0 and not agreement.not_checked, agreement
         assert agreement.span_policies.get(policy), agreement.span_policies
+
+
+def test_replay_cli_publishes_another_vocabulary_in_process(tmp_path: Path) -> None:
+    """``stream-rnn replay --fault publish:DIR@P%`` in process: the report's agreement check
+    holds every prediction to the offline pass of the version that made it."""
+    import subprocess
+    import sys
+
+    build(Spec("next-token", "gru", 1, 8, 5, "char", tuple("abcde "), None, 7), tmp_path / "v1")
+    build(Spec("next-token", "gru", 1, 8, 5, "char", tuple(" xedcba"), None, 8), tmp_path / "v2")
+    data = tmp_path / "data.jsonl"
+    rows = [{"key": f"u{i % 7}", "text": "abcde xa"[i % 4 :] * 4} for i in range(20)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = tmp_path / "report"
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "stream_rnn", "replay", "--data", str(data),
+            "--model", str(tmp_path / "v1"), "--max", "--history", "4",
+            "--fault", f"publish:{tmp_path / 'v2'}@50%", "--report", str(report),
+        ],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = (report / "report.md").read_text()
+    assert "Guarantee checks: all passed" in text, text
+    faults = json.loads((report / "faults.json").read_text())
+    assert [f["status"] for f in faults] == ["done"] and "rewarm" in faults[0]["detail"]
