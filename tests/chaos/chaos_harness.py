@@ -119,8 +119,8 @@ def produce(bootstrap: str, topic: str, pairs: Iterable[tuple[str, str]]) -> int
 class TokenLoad(threading.Thread):
     """Background producer: ``n`` random tokens to random ``keys`` at a steady ``rate``/s.
 
-    Errors are kept in ``error`` (the test asserts on it after ``join()``); ``stop()`` ends the
-    load early. Sends are paced in 20 ms slices, so the load keeps flowing while workers die.
+    Tokens are drawn from ``alphabet`` (default `ALPHABET`). Errors are kept in ``error`` (the
+    test asserts on it after ``join()``); ``stop()`` ends the load early. Sends are paced in 20 ms slices, so the load keeps flowing while workers die.
     """
 
     def __init__(
@@ -133,9 +133,11 @@ class TokenLoad(threading.Thread):
         rate: float,
         seed: int = 0,
         max_s: float = 300.0,
+        alphabet: Sequence[str] = ALPHABET,
     ) -> None:
         super().__init__(name="token-load", daemon=True)
         self.bootstrap, self.topic, self.keys = bootstrap, topic, list(keys)
+        self.alphabet = tuple(alphabet)
         self.n, self.rate, self.max_s = n, rate, max_s
         self.rng = random.Random(seed)
         self.sent = 0
@@ -154,7 +156,7 @@ class TokenLoad(threading.Thread):
                     due = min(self.n, int((time.monotonic() - start) * self.rate) + 1)
                     for _ in range(due - self.sent):
                         key = self.rng.choice(self.keys)
-                        token = self.rng.choice(ALPHABET)
+                        token = self.rng.choice(self.alphabet)
                         producer.send(self.topic, key=key.encode(), value=token_value(token))
                         self.sent += 1
                     time.sleep(0.02)
