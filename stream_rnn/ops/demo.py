@@ -8,8 +8,10 @@
 3. **live system** (`stream_rnn.ops.demo_stream`): a local Kafka broker, v1 published to a
    registry with a fresh signing key, two exactly-once workers of one group following it;
 4. **replay** of the scenario through Kafka at a steady ``--rate`` with live progress, while
-   `stream_rnn.ops.demo_loop` records what was streamed, retrains v1 on it and publishes the
-   better v2 (every worker hot-swaps), SIGKILLs one worker (the other takes its partitions
+   `stream_rnn.ops.demo_loop` records what was streamed and trains v2, a new model with
+   another vocabulary (the recorded sequences plus text written with capitals, digits and
+   punctuation that v1 never saw), publishes it (every worker hot-swaps it, rewarming live
+   states through the new vocabulary), SIGKILLs one worker (the other takes its partitions
    over) and restarts it;
 5. **report** (`stream_rnn.ops.demo_report` over `stream_rnn.replay`): guarantee checks,
    quality per version, latency at the steady rate, plots with the swap and the faults
@@ -142,7 +144,7 @@ def write_scenario(path: Path, sequences: int, seed: int) -> Scenario:
 @click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True,
               help="epochs of v1 (few on purpose: the learning loop improves it)")  # fmt: skip
 @click.option("--retrain-epochs", type=click.IntRange(min=1), default=3, show_default=True,
-              help="epochs of the mid-stream retraining")  # fmt: skip
+              help="epochs of v2, trained mid-stream")  # fmt: skip
 @click.option("--sequences", type=click.IntRange(min=20), default=900, show_default=True,
               help="sequences in the replayed scenario")  # fmt: skip
 @click.option("--rate", type=click.FloatRange(min=1), default=250.0, show_default=True,
@@ -163,8 +165,8 @@ def demo_cmd(
     stream: bool,
 ) -> None:
     """Run the whole product on this machine: train v1 -> stream a scenario through Kafka and two
-    workers -> retrain on what was recorded and hot-swap v2 mid-stream -> SIGKILL a worker ->
-    report with every guarantee check. Exits 1 if a check fails."""
+    workers -> train v2 with a new vocabulary on what was recorded and hot-swap it mid-stream
+    -> SIGKILL a worker -> report with every guarantee check. Exits 1 if a check fails."""
     from stream_rnn.ops.settings import get_settings
 
     out = Path(out_dir) if out_dir else get_settings().runs_dir / "demo"
@@ -211,7 +213,7 @@ def _streamed(
         registry_loader,
         write_demo_report,
     )
-    from stream_rnn.ops.demo_stream import PARTITIONS, DemoError, LiveSystem
+    from stream_rnn.ops.demo_stream import HISTORY, PARTITIONS, DemoError, LiveSystem
     from stream_rnn.ops.workers import sigterm_interrupts
     from stream_rnn.replay.exceptions import ReplayError
     from stream_rnn.replay.kafka import run_kafka
@@ -267,7 +269,7 @@ def _streamed(
     facts = write_demo_report(
         console, out, schedule, result, registry_loader(live.registry), outcome.markers,
         title=f"stream-rnn demo: {scenario.sequences} sequences through Kafka, 2 workers",
-        rate=rate,
+        rate=rate, history=HISTORY,
     )  # fmt: skip
     facts.update(loop_facts(outcome, result, v1, statuses))
     print_summary(console, facts)

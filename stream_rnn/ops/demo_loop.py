@@ -3,9 +3,14 @@
 `LoopController` runs on a thread of its own, on the replay's clock (`LoopProgress` starts it),
 and at fractions of the replay's scheduled duration (`LoopPlan`):
 
-1. **learning loop** — ``stream-rnn record`` archives what was streamed so far, ``stream-rnn
-   retrain`` trains a candidate from production's weights on it and publishes and announces
-   it (signed) if it is better on the most recent sequences; every worker hot-swaps it;
+1. **learning loop** — ``stream-rnn record`` archives what was streamed so far; v2 must also
+   read text written with capitals, digits and punctuation that v1's vocabulary lacks, and a
+   retrain from production's weights keeps production's vocabulary, so ``stream-rnn train``
+   trains a new model (same architecture, its own vocabulary) on the recorded sequences plus
+   written-style ones (`stream_rnn.train.synthetic.generate_written`); v1 and v2 are compared
+   on the most recent recorded sequences, and ``stream-rnn models publish --policy rewarm``
+   announces v2 (signed); every worker hot-swaps it, recomputing live states from their token
+   history through v2's vocabulary;
 2. **fault** — one worker is SIGKILLed (no revocation, no final commit); the survivor takes its
    partitions over, restoring their states, and exactly-once holds;
 3. **recovery** — the killed worker is started again and rejoins the group.
@@ -26,17 +31,19 @@ Example::
 
 from __future__ import annotations
 
-import json
+import random
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from stream_rnn.ops.demo_stream import PARTITIONS, DemoError, LiveSystem
+from stream_rnn.train.synthetic import WRITTEN_CHARS
 
 SWAP_TIMEOUT_S = 60.0
 TAKEOVER_TIMEOUT_S = 90.0
@@ -54,6 +61,8 @@ class LoopPlan:
     victim: str = "worker-2"
     retrain_epochs: int = 3
     batch_size: int = 8
+    hidden: int = 64  # v2's architecture: v1's (only the vocabulary changes)
+    embed: int = 32
     seed: int = 0
 
 
@@ -63,7 +72,7 @@ class LoopOutcome:
 
     markers: list[tuple[float, str]] = field(default_factory=list)
     recorded: int | None = None
-    retrain: dict[str, Any] | None = None  # the retrain log's entry of the run
+    retrain: dict[str, Any] | None = None  # how v2 was trained and judged (`judge_v2`)
     new_version: str | None = None
     swapped: dict[str, float] = field(default_factory=dict)  # worker -> t it served the new one
     swap_pause_s: dict[str, float] = field(default_factory=dict)
@@ -187,9 +196,9 @@ class LoopController(threading.Thread):
 
     # ------------------------------------------------------------------ steps
     def _learning_loop(self) -> None:
-        if not self._wait_for(self.plan.retrain_at, "the learning loop (record, retrain)"):
+        if not self._wait_for(self.plan.retrain_at, "the learning loop (record, train v2)"):
             return
-        live, out = self.live, self.outcome
+        live, out, p = self.live, self.outcome, self.plan
         recorded = live.dir / "recorded.jsonl"
         at = self._now()
         self.say(f"{at:5.1f}s  stream-rnn record: what was streamed so far -> {recorded.name}")
@@ -201,33 +210,39 @@ class LoopController(threading.Thread):
         with recorded.open("rb") as fh:
             out.recorded = sum(1 for line in fh if line.strip())
         self._mark(at, f"recorded {out.recorded} seq.")
+        data = write_v2_corpus(recorded, live.dir / "v2-data", seed=p.seed)
         self.say(
-            f"{self._now():5.1f}s  recorded {out.recorded} sequences; stream-rnn retrain from "
-            f"production's weights ({self.plan.retrain_epochs} epochs)"
+            f"{self._now():5.1f}s  recorded {out.recorded} sequences; v2 must also read text "
+            f"written with {''.join(sorted(WRITTEN_CHARS))!r}, which v1's vocabulary lacks (a "
+            "retrain from production's weights keeps it): stream-rnn train, a new model on "
+            f"{data.recorded} recorded + {data.written} written-style sequences "
+            f"({p.retrain_epochs} epochs)"
         )
-        p = self.plan
+        v2_dir = live.dir / "v2"
         live.run_job(
-            ["retrain", "--data", str(recorded), "--registry", str(live.registry.root),
-             "--bootstrap", live.bootstrap, "--updates-topic", live.updates_topic,
-             "--update-key-file", str(live.key_file), "--policy", "keep",
-             "--epochs", str(p.retrain_epochs), "--batch-size", str(p.batch_size),
-             "--lr", "3e-3", "--seed", str(p.seed), "--device", "cpu"],
-            "retrain", tick=self._tick,
+            ["train", "--data", str(data.train), "--valid", str(data.valid),
+             "--task", "next-token", "--cell", "gru", "--hidden", str(p.hidden),
+             "--embed", str(p.embed), "--epochs", str(p.retrain_epochs),
+             "--batch-size", str(p.batch_size), "--lr", "3e-3", "--seed", str(p.seed),
+             "--device", "cpu", "--out", str(v2_dir)],
+            "train-v2", tick=self._tick,
         )  # fmt: skip
-        out.retrain = _last_json_line(live.registry.root / "retrain.jsonl")
-        entry = out.retrain or {}
-        if entry.get("decision") != "published":
-            self.say(f"{self._now():5.1f}s  retrain kept production: {entry.get('reason')}")
-            return
-        version = out.new_version = str(entry["version"])
+        v1 = next(v for v, n in self.names.items() if n == "v1")
+        out.retrain = judge_v2(live.registry.path(v1), v2_dir, data)
+        version = out.new_version = str(out.retrain["version"])
         self.names[version] = "v2"
-        # the run ends once the broker acknowledged the announcement: that is when it was made
-        at = float(entry["at"]) + float(entry["duration_s"]) - self.progress.wall0
-        self._mark(at, "v2 announced")
+        voc = out.retrain["vocabulary"]
         self.say(
-            f"{at:5.1f}s  v2 = {version}: {entry.get('reason')}; published and announced "
-            "(signed, policy keep)"
+            f"{self._now():5.1f}s  v2 = {version}: vocabulary {voc['v1']} -> {voc['v2']} tokens "
+            f"({voc['new']} new, {voc['moved']} of {voc['shared']} shared characters with "
+            f"other ids); held-out {out.retrain['reason']}; stream-rnn models publish "
+            "(signed, policy rewarm: live states recomputed by v2 from their token history)"
         )
+        live.publish(v2_dir, "rewarm", tick=self._tick)
+        # the command ends once the broker acknowledged the announcement
+        at = self._now()
+        self._mark(at, "v2 announced")
+        self.say(f"{at:5.1f}s  v2 published and announced")
         pending = set(live.workers)
         deadline = time.monotonic() + SWAP_TIMEOUT_S
         while pending:
@@ -336,9 +351,69 @@ class LoopController(threading.Thread):
             raise _Stopped
 
 
-def _last_json_line(path: Any) -> dict[str, Any] | None:
+@dataclass(frozen=True)
+class V2Data:
+    """v2's corpus (JSONL files) and the recorded sequences it is judged on."""
+
+    train: Path
+    valid: Path
+    holdout: list[Any]  # the most recent recorded sequences (Records), not trained on
+    recorded: int  # recorded sequences trained or validated on
+    written: int  # written-style sequences added
+
+
+def write_v2_corpus(recorded: Path, out: Path, *, seed: int) -> V2Data:
+    """v2's training and validation files in ``out``: the recorded sequences but the most
+    recent 20 % (held out), and as many written-style ones (at least 100), 10 % of each kind
+    to validate on."""
+    from stream_rnn.train.data import read_records, write_records
+    from stream_rnn.train.exceptions import DataError, RetrainError
+    from stream_rnn.train.retrain import split_records
+    from stream_rnn.train.synthetic import generate_written
+
     try:
-        lines = [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-    except OSError:
-        return None
-    return json.loads(lines[-1]) if lines else None
+        split = split_records(read_records(recorded), 0.2, valid=0.1, seed=seed)
+    except (DataError, RetrainError) as err:
+        raise DemoError(f"v2 cannot be trained on {recorded}: {err}") from err
+    n = max(100, len(split.train) + len(split.valid))
+    written = generate_written(n, seed=seed + 1000, min_len=24, max_len=72)
+    random.Random(seed).shuffle(written)  # noqa: S311 - a data split, not a secret
+    n_valid = max(1, n // 10)
+    out.mkdir(parents=True, exist_ok=True)
+    train, valid = out / "train.jsonl", out / "valid.jsonl"
+    write_records(train, split.train + written[n_valid:])
+    write_records(valid, split.valid + written[:n_valid])
+    return V2Data(train, valid, split.holdout, len(split.train) + len(split.valid), n)
+
+
+def judge_v2(v1_dir: Path, v2_dir: Path, data: V2Data) -> dict[str, Any]:
+    """v2 against v1 on the held-out recorded sequences (next-token loss), and how their
+    vocabularies differ: the summary's ``retrain`` entry."""
+    from stream_rnn.registry.checkpoint import load_checkpoint
+    from stream_rnn.train.retrain import compare, evaluate_records
+    from stream_rnn.train.vocab import Vocab
+
+    (m1, man1), (m2, man2) = load_checkpoint(v1_dir), load_checkpoint(v2_dir)
+    v1_eval = evaluate_records(m1, man1, data.holdout)
+    v2_eval = evaluate_records(m2, man2, data.holdout)
+    verdict = compare("next-token", v2_eval, v1_eval, 0.0)
+    voc1, voc2 = Vocab.from_dict(man1.vocab), Vocab.from_dict(man2.vocab)
+    shared = set(voc1.itos) & set(voc2.itos)
+    return {
+        "decision": "published",
+        "version": man2.version,
+        "parent_version": None,  # a new model: fresh weights, its own vocabulary
+        "vocabulary": {
+            "v1": len(voc1),
+            "v2": len(voc2),
+            "new": len(set(voc2.itos) - set(voc1.itos)),
+            "shared": len(shared),
+            "moved": sum(voc1.stoi[t] != voc2.stoi[t] for t in shared),
+        },
+        "data": {"recorded": data.recorded, "written": data.written, "holdout": len(data.holdout)},
+        "metric": verdict.metric,
+        "candidate_metrics": {verdict.metric: verdict.candidate},
+        "production_metrics": {verdict.metric: verdict.production},
+        "better": verdict.better,
+        "reason": verdict.describe().replace("production", "v1"),
+    }

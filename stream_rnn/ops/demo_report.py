@@ -60,14 +60,18 @@ def write_demo_report(
     *,
     title: str,
     rate: float | None,
+    history: int = 0,
 ) -> dict[str, Any]:
     """Analyse the replay against the offline pass of each version (``load(version)``: its
-    model and manifest), write ``out/report/`` and ``out/predictions.jsonl``, print the
-    replay's table; the summary's facts."""
+    model and manifest; ``history``: the workers' token history, for a rewarm), write
+    ``out/report/`` and ``out/predictions.jsonl``, print the replay's table; the summary's
+    facts."""
     from stream_rnn.replay.analysis import analyse
     from stream_rnn.replay.report import latency_stats, summary_table, write_report
 
-    analysis = analyse(schedule, result, task="next-token", load=load, markers=markers)
+    analysis = analyse(
+        schedule, result, task="next-token", load=load, markers=markers, history=history
+    )
     paths = write_report(out / "report", analysis, title=title)
     with (out / "predictions.jsonl").open("w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in analysis.lines)
@@ -144,10 +148,13 @@ def print_summary(console: Console, facts: dict[str, Any]) -> None:
             metric = retrain.get("metric", "loss")
             first = dict((v, at) for v, at, _ in facts["versions"]).get(facts["v2_version"])
             announced = [t for t, label in facts["markers"] if label == "v2 announced"]
+            voc = retrain.get("vocabulary") or {}
             table.add_row(
                 "learning loop",
-                f"recorded {facts['recorded']} sequences, retrained v1 -> v2 "
-                f"{facts['v2_version']} (held-out {metric} {prod.get(metric, math.nan):.3f} -> "
+                f"recorded {facts['recorded']} sequences, trained v2 {facts['v2_version']} "
+                f"with another vocabulary ({voc.get('v1')} -> {voc.get('v2')} tokens, "
+                f"{voc.get('moved')} of {voc.get('shared')} shared with other ids; held-out "
+                f"{metric} {prod.get(metric, math.nan):.3f} -> "
                 f"{cand.get(metric, math.nan):.3f}); announced at "
                 f"{announced[0] if announced else math.nan:.1f}s, first v2 prediction at "
                 f"{first if first is not None else math.nan:.1f}s, hot-swapped by "

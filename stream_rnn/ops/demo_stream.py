@@ -3,8 +3,9 @@
 `LiveSystem` owns everything the demo starts in its directory: a Kafka broker (KRaft,
 127.0.0.1, data in ``DIR/kafka``), a model registry (``DIR/registry``) with a fresh signing key
 (``DIR/update.key``, mode 600), the stream topics of this run, exactly-once workers of one
-group that serve the registry's production version and hot-swap announced ones, and the
-``stream-rnn record`` / ``retrain`` jobs run against them. It is a context manager: leaving
+group that serve the registry's production version and hot-swap announced ones (rewarming
+live states from a per-key token history), and the ``stream-rnn record`` / ``train`` /
+``models publish`` jobs run against them. It is a context manager: leaving
 the block for any reason (the end, an error, Ctrl-C) stops the jobs, the workers (SIGTERM,
 then SIGKILL) and the broker.
 
@@ -38,15 +39,16 @@ from stream_rnn.ops.workers import (
     WorkerGroup,
     WorkerGroupError,
 )
-from stream_rnn.registry.updates import load_update_key
 from stream_rnn.registry.versions import Registry
 from stream_rnn.replay.kafka import ReplayTopics
-from stream_rnn.replay.publish import publish_model
 from stream_rnn.stream.topics import ensure_topics
 
 __all__ = ["JOB_TIMEOUT_S", "PARTITIONS", "DemoError", "LiveSystem", "Worker"]
 
 PARTITIONS = 4
+# tokens each key keeps so that a swap can rewarm its state (v2 has another vocabulary: a keep
+# is impossible); more than the scenario's longest sequence, so a rewarm replays all of it
+HISTORY = 128
 JOB_TIMEOUT_S = 300.0
 
 
@@ -129,17 +131,25 @@ class LiveSystem:
         self.key_file.chmod(0o600)  # whatever the umask did
         return self.key_file
 
-    def publish(self, model_dir: Path) -> str:
-        """Register ``model_dir``, make it production and announce it, signed (as
-        ``stream-rnn models publish --policy keep --update-key-file KEY`` does)."""
-        return publish_model(
-            self.registry,
-            str(model_dir),
-            bootstrap=self.bootstrap,
-            topic=self.updates_topic,
-            key=load_update_key(self.key_file),
-            policy="keep",
-        )
+    def publish(
+        self,
+        model_dir: Path,
+        policy: str = "keep",
+        *,
+        tick: Callable[[], None] = lambda: time.sleep(0.2),
+    ) -> str:
+        """Register ``model_dir``, make it production and announce it, signed: ``stream-rnn
+        models publish --policy POLICY --update-key-file KEY`` (what an operator runs); its
+        version."""
+        from stream_rnn.registry.checkpoint import read_manifest
+
+        self.run_job(
+            ["models", "publish", str(model_dir), "--registry", str(self.registry.root),
+             "--bootstrap", self.bootstrap, "--topic", self.updates_topic,
+             "--update-key-file", str(self.key_file), "--policy", policy],
+            f"publish-{model_dir.name}", tick=tick,
+        )  # fmt: skip
+        return read_manifest(model_dir).version
 
     # ------------------------------------------------------------------ workers
     @property
@@ -153,7 +163,7 @@ class LiveSystem:
             "--bootstrap", self.bootstrap, "--group", self.group,
             "--topic", self.topics.tokens, "--predictions-topic", self.topics.predictions,
             "--dead-letter-topic", self.topics.dead_letters, "--partitions", str(PARTITIONS),
-            "--guarantee", "exactly-once", "--swap-policy", "keep",
+            "--guarantee", "exactly-once", "--history", str(HISTORY), "--swap-policy", "rewarm",
         ]  # fmt: skip
 
     def start_worker(self, name: str) -> Worker:

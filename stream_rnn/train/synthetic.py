@@ -205,3 +205,44 @@ def generate_split(
         _generate(task, n_train, n_valid, seed, min_len, max_len),
         _generate(task, n_train + n_valid, n_test, seed, min_len, max_len),
     )
+
+
+# The next-token grammar as people write it: sentences capitalised, "one" as a digit, a comma
+# before "and", and sentences that end in '!' or '?' as well as '.'. Same words and structure,
+# but characters ("T", "A", "1", ",", "!", "?") that the plain corpus never uses: a model trained
+# on it needs a larger vocabulary (the demo's v2).
+WRITTEN_CHARS = frozenset("TA1,!?")
+
+
+def written(text: str, rng: random.Random) -> str:
+    """``text`` of the next-token grammar written with capitals, digits and punctuation.
+
+    >>> written("the cat sees one dog . a moon finds", random.Random(0))
+    'The cat sees 1 dog ? A moon finds'
+    >>> written("the cat sees one dog and holds a moon .", random.Random(1))
+    'The cat sees 1 dog, and holds a moon .'
+    """
+    out: list[str] = []
+    for word in text.split(" "):
+        if word == ".":
+            word = rng.choice((".", ".", "!", "?"))
+        elif word == "one":
+            word = "1"
+        elif word == "and":
+            out[-1] += ","
+        if not out or out[-1] in (".", "!", "?"):
+            word = word[:1].upper() + word[1:]
+        out.append(word)
+    return " ".join(out)
+
+
+def generate_written(
+    n: int, *, seed: int, min_len: int | None = None, max_len: int | None = None
+) -> list[Record]:
+    """``n`` next-token records (keys ``syn-written-<i>``) of the grammar `written` as people
+    write it; deterministic per ``seed``."""
+    return [
+        Record(f"syn-written-{i}", text=written(str(rec.text), _rng("written", seed, i)))
+        for i, rec in enumerate(generate("next-token", n, seed=seed, min_len=min_len,
+                                         max_len=max_len))
+    ]  # fmt: skip
