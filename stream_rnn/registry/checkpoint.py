@@ -4,6 +4,10 @@ Weights are data, never code: tensors go through safetensors, everything else th
 and nothing is ever unpickled. Loading rebuilds the network from the manifest's own model
 config (never from the caller's flags) and refuses a checkpoint whose weights file does not
 match the recorded sha256, lacks a tensor, has a wrong shape or holds a non-finite value.
+
+Each file is read once (`stream_rnn.registry.safe_read`: no symbolic links, regular files only,
+size-capped), and the manifest and tensors are parsed from the very bytes that were hashed:
+nothing can swap a file between its check and its load.
 """
 
 from __future__ import annotations
@@ -19,17 +23,21 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 
 from stream_rnn import __version__
 from stream_rnn.model.config import ModelConfig
 from stream_rnn.model.exceptions import ModelConfigError, WeightsError
 from stream_rnn.model.network import RecurrentModel
 from stream_rnn.registry.exceptions import CheckpointError
+from stream_rnn.registry.safe_read import open_directory, read_file_once
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights.safetensors"
 MANIFEST_FILE = "manifest.json"
+MAX_MANIFEST_BYTES = 4 << 20  # a manifest is a few KiB; its vocabulary may be large
+MAX_WEIGHTS_BYTES = 4 << 30
 
 
 @dataclass
@@ -164,15 +172,26 @@ def save_checkpoint(
 
 
 def read_manifest(directory: str | Path) -> Manifest:
-    where = Path(directory)
-    path = where / MANIFEST_FILE
-    if not path.is_file():
-        raise CheckpointError(
-            f"{where} is not a checkpoint: {MANIFEST_FILE} is missing "
-            "(train one with `stream-rnn train --out DIR`)"
-        )
+    """The manifest of the checkpoint in ``directory`` (read once, size-capped, no links)."""
+    return _parse_manifest(Path(directory), _read_manifest_bytes(Path(directory)))
+
+
+def _read_manifest_bytes(where: Path, dir_fd: int | None = None) -> bytes:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return read_file_once(where, MANIFEST_FILE, limit=MAX_MANIFEST_BYTES, dir_fd=dir_fd)
+    except CheckpointError as exc:
+        if "is missing" in str(exc) or "does not exist" in str(exc):
+            raise CheckpointError(
+                f"{where} is not a checkpoint: {MANIFEST_FILE} is missing "
+                "(train one with `stream-rnn train --out DIR`)"
+            ) from None
+        raise
+
+
+def _parse_manifest(where: Path, raw: bytes) -> Manifest:
+    path = where / MANIFEST_FILE
+    try:
+        data = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc}); the checkpoint is damaged") from exc
     return Manifest.from_dict(data, path)
@@ -206,38 +225,89 @@ def load_weights_into(model: RecurrentModel, tensors: dict[str, torch.Tensor]) -
     model.load_state_dict({name: tensors[name].to(ref.dtype) for name, ref in expected.items()})
 
 
+@dataclass(frozen=True)
+class VerifiedCheckpoint:
+    """A checkpoint loaded from the bytes that were verified: the model (eval mode), its
+    manifest, and the sha256 of the manifest and weights bytes that were read."""
+
+    model: RecurrentModel
+    manifest: Manifest
+    manifest_sha256: str
+    weights_sha256: str
+
+
+def load_verified(
+    directory: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    expect_manifest_sha256: str | None = None,
+    expect_weights_sha256: str | None = None,
+    max_weights_bytes: int = MAX_WEIGHTS_BYTES,
+    max_manifest_bytes: int = MAX_MANIFEST_BYTES,
+) -> VerifiedCheckpoint:
+    """Read each file of the checkpoint once, verify those bytes, load from the same bytes.
+
+    The manifest's sha256 must be ``expect_manifest_sha256`` and the weights' the manifest's
+    ``weights_sha256`` (and ``expect_weights_sha256``, if given: what a signed announcement
+    says); the tensors must have the names, shapes and dtypes of the manifest's model config
+    and finite values. Symbolic links, non-regular files and files over the caps are refused.
+    Raises `CheckpointError` saying what was wrong.
+
+    Example::
+
+        found = load_verified("runs/registry/versions/m-1a2b", expect_manifest_sha256=sha)
+        found.model, found.manifest
+    """
+    where = Path(directory)
+    dir_fd = open_directory(where)
+    try:
+        raw_manifest = read_file_once(where, MANIFEST_FILE, limit=max_manifest_bytes, dir_fd=dir_fd)
+        manifest_sha = hashlib.sha256(raw_manifest).hexdigest()
+        if expect_manifest_sha256 is not None and manifest_sha != expect_manifest_sha256:
+            raise CheckpointError(
+                f"{where / MANIFEST_FILE}: sha256 {manifest_sha[:12]}… does not match the "
+                f"manifest sha256 announced, {expect_manifest_sha256[:12]}…; the registry copy "
+                "was modified after publishing — refusing to load it"
+            )
+        manifest = _parse_manifest(where, raw_manifest)
+        raw_weights = read_file_once(where, WEIGHTS_FILE, limit=max_weights_bytes, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+    weights = where / WEIGHTS_FILE
+    digest = hashlib.sha256(raw_weights).hexdigest()
+    for expected in (manifest.weights_sha256, expect_weights_sha256):
+        if expected is not None and digest != expected:
+            raise CheckpointError(
+                f"{weights}: sha256 {digest} does not match the manifest's {expected}; "
+                "the weights were modified or corrupted — refusing to load them"
+            )
+    try:
+        config = ModelConfig.from_dict(manifest.model_config)
+    except (ModelConfigError, TypeError) as exc:
+        raise CheckpointError(f"{where}: manifest model_config is invalid: {exc}") from exc
+    try:
+        tensors = load_safetensors(raw_weights)
+    except (SafetensorError, ValueError) as exc:
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({exc})") from exc
+    del raw_weights
+    model = RecurrentModel(config)
+    try:
+        load_weights_into(model, tensors)
+    except WeightsError as exc:
+        raise CheckpointError(f"{where}: {exc}") from exc
+    return VerifiedCheckpoint(model.to(device).eval(), manifest, manifest_sha, digest)
+
+
 def load_checkpoint(
     directory: str | Path, *, device: str | torch.device = "cpu"
 ) -> tuple[RecurrentModel, Manifest]:
-    """Verify and load a checkpoint; the model comes back in eval mode on ``device``.
+    """Verify and load a checkpoint (`load_verified`: each file read once); the model comes
+    back in eval mode on ``device``.
 
     Example::
 
         model, manifest = load_checkpoint("runs/m1")
         print(manifest.version, manifest.metrics)
     """
-    where = Path(directory)
-    manifest = read_manifest(where)
-    weights = where / WEIGHTS_FILE
-    if not weights.is_file():
-        raise CheckpointError(f"{where}: {WEIGHTS_FILE} is missing; the checkpoint is incomplete")
-    digest = sha256_file(weights)
-    if digest != manifest.weights_sha256:
-        raise CheckpointError(
-            f"{weights}: sha256 {digest} does not match the manifest's {manifest.weights_sha256}; "
-            "the weights were modified or corrupted — refusing to load them"
-        )
-    try:
-        config = ModelConfig.from_dict(manifest.model_config)
-    except (ModelConfigError, TypeError) as exc:
-        raise CheckpointError(f"{where}: manifest model_config is invalid: {exc}") from exc
-    try:
-        tensors = load_file(str(weights))
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{weights}: not a readable safetensors file ({exc})") from exc
-    model = RecurrentModel(config)
-    try:
-        load_weights_into(model, tensors)
-    except WeightsError as exc:
-        raise CheckpointError(f"{where}: {exc}") from exc
-    return model.to(device).eval(), manifest
+    found = load_verified(directory, device=device)
+    return found.model, found.manifest
