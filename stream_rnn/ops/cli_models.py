@@ -2,12 +2,14 @@
 
 ``publish`` registers a checkpoint as an immutable version, makes it production and announces
 it on the compacted model-updates topic (signed with ``--update-key-file``); ``promote`` and
-``rollback`` move the production pointer and announce the result; ``list`` and ``show``
+``rollback`` move the production pointer and announce the result (pointer and announcement
+under the registry's lock); ``keygen`` makes keys; ``list`` and ``show``
 inspect the registry. Defaults come from the settings (``$STREAM_RNN_REGISTRY``,
 ``$STREAM_RNN_BOOTSTRAP``, ``$STREAM_RNN_UPDATE_KEY_FILE``, ``$STREAM_RNN_MODEL_UPDATES_TOPIC``).
 
 Example::
 
+    stream-rnn models keygen --out ~/.config/stream-rnn      # update.key + update.pub
     stream-rnn models publish runs/lang-v2 --update-key-file ~/.config/stream-rnn/update.key
     stream-rnn models list
     stream-rnn models rollback --update-key-file ~/.config/stream-rnn/update.key
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -31,7 +32,7 @@ from stream_rnn.ops.settings import get_settings
 from stream_rnn.registry.versions import Registry, VersionInfo
 
 if TYPE_CHECKING:
-    from stream_rnn.registry.updates import Policy
+    from stream_rnn.registry.updates import Announced, Announcer, Policy
 
 console = Console(soft_wrap=True)
 
@@ -80,8 +81,8 @@ def _announce_options(fn: Any) -> Any:
             "--update-key-file",
             default=None,
             type=click.Path(dir_okay=False, path_type=Path),
-            help="HMAC key that signs the announcement, chmod 600 (default: "
-            "$STREAM_RNN_UPDATE_KEY_FILE; none: unsigned)",
+            help="key that signs the announcement: Ed25519 private key (models keygen) or HMAC "
+            "secret, chmod 600 (default: $STREAM_RNN_UPDATE_KEY_FILE; none: unsigned)",
         ),
         click.option(
             "--no-announce",
@@ -98,64 +99,23 @@ def _open(registry_dir: Path | None) -> Registry:
     return Registry(registry_dir or get_settings().registry)
 
 
-@dataclass(frozen=True)
-class _Announcer:
-    """Where and how to announce; built (key read, topic reachable) before the registry changes."""
-
-    bootstrap: str
-    topic: str
-    policy: str
-    key: bytes | None
-    replication: int
-
-    def announce(self, registry: Registry, version: str) -> None:
-        from stream_rnn.registry.exceptions import AnnouncementError
-        from stream_rnn.registry.updates import build_update, publish_update, sign
-
-        update = build_update(registry.path(version), policy=cast("Policy", self.policy))
-        if self.key is not None:
-            update = sign(update, self.key)
-        try:
-            offset = publish_update(
-                self.bootstrap, update, self.topic, replication=self.replication
-            )
-        except AnnouncementError as err:
-            raise AnnouncementError(
-                f"{err}. Production in {registry.root} is {version} already, but running "
-                f"workers were not told: announce it again with `stream-rnn models promote "
-                f"{version}`"
-            ) from err
-        signed = "signed" if self.key is not None else "UNSIGNED"
-        _say(
-            f"announced {version} on {self.topic} at {self.bootstrap} (offset {offset}, "
-            f"{signed}, policy {self.policy})"
-        )
-        if self.key is None:
-            _say(
-                "warning: the announcement is unsigned; workers configured with an update key "
-                "refuse it (pass --update-key-file)"
-            )
-
-
 def _announcer(
     bootstrap: str | None,
     topic: str | None,
-    policy: str,
     update_key_file: Path | None,
     no_announce: bool,
-) -> _Announcer | None:
+) -> Announcer | None:
     """None for --no-announce; else check the key file and the broker (creating the topic),
     so that a bad key or an unreachable broker fails before the registry changes."""
-    from stream_rnn.registry.updates import ensure_updates_topic, load_update_key
+    from stream_rnn.registry.updates import Announcer, ensure_updates_topic, load_update_key
 
     if no_announce:
         return None
     settings = get_settings()
     key_path = update_key_file or settings.update_key_file
-    announcer = _Announcer(
+    announcer = Announcer(
         bootstrap=bootstrap or settings.bootstrap,
         topic=topic or settings.model_updates_topic,
-        policy=policy,
         key=load_update_key(key_path) if key_path is not None else None,
         replication=settings.replication,
     )
@@ -163,11 +123,47 @@ def _announcer(
     return announcer
 
 
-def _announce(announcer: _Announcer | None, registry: Registry, version: str) -> None:
-    if announcer is None:
+def move_production(
+    registry: Registry, announcer: Announcer | None, policy: str, version: str | None
+) -> str:
+    """Promote ``version`` (None: roll back) and announce the result, under the registry's
+    lock (`announce_production`); say what happened; return the production version."""
+    from stream_rnn.registry.updates import announce_production
+
+    def change(reg: Registry) -> str:
+        previous = reg.production()
+        if version is None:
+            target = reg.rollback(policy=policy)
+            _say(f"rolled back: production {previous} -> {target}")
+        else:
+            target = version
+            reg.promote(version, policy=policy)
+            if previous == version:
+                _say(f"{version} is already production")
+            else:
+                _say(f"production: {previous or 'none'} -> {version}")
+        return target
+
+    done = announce_production(registry, change, policy=cast("Policy", policy), announcer=announcer)
+    report_announced(done, announcer, policy)
+    return done.version
+
+
+def report_announced(done: Announced, announcer: Announcer | None, policy: str) -> None:
+    """Say what `announce_production` did (or that nothing was announced)."""
+    if announcer is None or done.update is None:
         _say("not announced (--no-announce): running workers keep their version")
-    else:
-        announcer.announce(registry, version)
+        return
+    signed = f"signed {done.update.alg}" if done.update.alg else "UNSIGNED"
+    _say(
+        f"announced {done.version} on {announcer.topic} at {announcer.bootstrap} (offset "
+        f"{done.offset}, sequence number {done.update.seq}, {signed}, policy {policy})"
+    )
+    if announcer.key is None:
+        _say(
+            "warning: the announcement is unsigned; workers refuse it unless they run with "
+            "--allow-unsigned-updates (pass --update-key-file)"
+        )
 
 
 @click.group("models")
@@ -193,13 +189,11 @@ def publish_cmd(
     The checkpoint is verified (sha256, tensors, finite values) and copied in unchanged;
     publishing the same weights twice is harmless.
     """
-    announcer = _announcer(bootstrap, topic, policy, update_key_file, no_announce)
+    announcer = _announcer(bootstrap, topic, update_key_file, no_announce)
     registry = _open(registry_dir)
     manifest = registry.add(model_dir)
-    previous = registry.promote(manifest.version)
     _say(f"registered {manifest.version} in {registry.root}")
-    _say(f"production: {previous or 'none'} -> {manifest.version}")
-    _announce(announcer, registry, manifest.version)
+    move_production(registry, announcer, policy, manifest.version)
 
 
 @models_group.command("promote")
@@ -216,14 +210,8 @@ def promote_cmd(
     no_announce: bool,
 ) -> None:
     """Make the registered VERSION production and announce it (again, if it already is)."""
-    announcer = _announcer(bootstrap, topic, policy, update_key_file, no_announce)
-    registry = _open(registry_dir)
-    previous = registry.promote(version)
-    if previous == version:
-        _say(f"{version} is already production")
-    else:
-        _say(f"production: {previous or 'none'} -> {version}")
-    _announce(announcer, registry, version)
+    announcer = _announcer(bootstrap, topic, update_key_file, no_announce)
+    move_production(_open(registry_dir), announcer, policy, version)
 
 
 @models_group.command("rollback")
@@ -238,12 +226,39 @@ def rollback_cmd(
     no_announce: bool,
 ) -> None:
     """Make the previous production version production again and announce it."""
-    announcer = _announcer(bootstrap, topic, policy, update_key_file, no_announce)
-    registry = _open(registry_dir)
-    current = registry.production()
-    target = registry.rollback()
-    _say(f"rolled back: production {current} -> {target}")
-    _announce(announcer, registry, target)
+    announcer = _announcer(bootstrap, topic, update_key_file, no_announce)
+    move_production(_open(registry_dir), announcer, policy, None)
+
+
+@models_group.command("keygen")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="directory for update.key (private, 0600) and update.pub (public)")  # fmt: skip
+@click.option("--hmac", "hmac_secret", is_flag=True,
+              help="write one shared HMAC secret (update.secret, 0600) instead of a key pair")  # fmt: skip
+def keygen_cmd(out: Path, hmac_secret: bool) -> None:
+    """Make announcement keys: an Ed25519 pair (publisher: update.key; workers: update.pub).
+
+    Ed25519 suits workers on many machines or pods (a compromised worker cannot sign); an
+    HMAC secret suits one trust domain (every holder can sign).
+    """
+    import base64
+    import os
+    import secrets
+
+    from stream_rnn.registry.keys import generate_ed25519
+
+    if hmac_secret:
+        out.mkdir(parents=True, exist_ok=True)
+        target = out / "update.secret"
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(base64.b64encode(secrets.token_bytes(32)).decode() + "\n")
+        target.chmod(0o600)
+        _say(f"wrote {target} (HMAC secret, 0600): give it to the publisher and every worker")
+        return
+    private, public = generate_ed25519(out)
+    _say(f"wrote {private} (private, 0600): for `models publish/promote/rollback` and `retrain`")
+    _say(f"wrote {public} (public): for workers, `stream-rnn worker --update-key-file {public}`")
 
 
 @models_group.command("list")

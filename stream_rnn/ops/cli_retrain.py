@@ -23,7 +23,7 @@ import click
 from rich.console import Console
 
 from stream_rnn.ops.cli_model import train_cmd
-from stream_rnn.ops.cli_models import POLICY_CHOICE, _announce, _announcer, _registry_option
+from stream_rnn.ops.cli_models import POLICY_CHOICE, _announcer, _registry_option, report_announced
 from stream_rnn.ops.settings import get_settings
 
 if TYPE_CHECKING:
@@ -143,7 +143,8 @@ def _usage(
 @click.option("--policy", type=POLICY_CHOICE, default="rewarm", show_default=True,
               help="what workers do with live states when they swap to the new model")  # fmt: skip
 @click.option("--update-key-file", default=None, type=click.Path(dir_okay=False, path_type=Path),
-              help="HMAC key signing the announcement (default: $STREAM_RNN_UPDATE_KEY_FILE)")  # fmt: skip
+              help="key signing the announcement: Ed25519 private key or HMAC secret "
+                   "(default: $STREAM_RNN_UPDATE_KEY_FILE)")  # fmt: skip
 @click.option("--updates-topic", default=None,
               help="model-updates topic (default: $STREAM_RNN_MODEL_UPDATES_TOPIC)")  # fmt: skip
 @click.option(
@@ -197,12 +198,18 @@ def retrain_cmd(**kw: Any) -> None:
     )
 
     def prepare_announce() -> Any:
+        from stream_rnn.registry.updates import announce_production
+
         announcer = _announcer(
-            bootstrap, kw["updates_topic"], kw["policy"], kw["update_key_file"], kw["no_announce"]
+            bootstrap, kw["updates_topic"], kw["update_key_file"], kw["no_announce"]
         )
 
         def announce(reg: Any, version: str) -> bool:
-            _announce(announcer, reg, version)
+            # called by run_once under the registry's lock, right after its promotion
+            done = announce_production(
+                reg, lambda _: version, policy=kw["policy"], announcer=announcer
+            )
+            report_announced(done, announcer, kw["policy"])
             return announcer is not None
 
         return announce

@@ -114,7 +114,11 @@ def _topic_settings(**topics: str | None) -> Settings:
               help="serve the registry's production version and hot-swap announced ones "
               "(default $STREAM_RNN_REGISTRY)")  # fmt: skip
 @click.option("--update-key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="HMAC key: refuse model updates not signed with it")  # fmt: skip
+              help="Ed25519 public key (models keygen) or HMAC secret: refuse model updates not "
+              "signed with it")  # fmt: skip
+@click.option("--allow-unsigned-updates", is_flag=True, default=None,
+              help="accept unsigned model updates (anyone who can write the updates topic picks "
+              "the served version; default $STREAM_RNN_ALLOW_UNSIGNED_UPDATES)")  # fmt: skip
 @click.option("--history", type=click.IntRange(min=0), default=None,
               help="tokens kept per key so that a swap can rewarm states (default 0: off)")  # fmt: skip
 @click.option("--swap-policy", type=click.Choice(["keep", "reset", "rewarm"]), default=None,

@@ -38,6 +38,7 @@ from stream_rnn.ops.kafka_local import LocalKafka
 from stream_rnn.ops.settings import Settings
 from stream_rnn.ops.workers import WorkerGroup, WorkerGroupError
 from stream_rnn.registry.exceptions import RegistryError
+from stream_rnn.registry.keys import UpdateKey
 from stream_rnn.registry.versions import Registry
 from stream_rnn.replay.exceptions import ReplayError
 from stream_rnn.replay.faults import Fault, worker_names
@@ -93,7 +94,7 @@ class SystemSetup:
     registry: Registry | None = None  # the registry's production version, following
     updates_topic: str = "stream-rnn.model-updates"  # its announcements here
     key_file: Path | None = None
-    key: bytes | None = None
+    key: UpdateKey | bytes | None = None
     broker: LocalKafka | None = None
     history: int | None = None
 
@@ -153,7 +154,11 @@ class ReplaySystem:
             serve = ["--model", str(s.model_dir)]
         elif s.registry is not None:
             serve = ["--registry", str(s.registry.root)]
-            serve += ["--update-key-file", str(s.key_file)] if s.key_file else []
+            serve += (
+                ["--update-key-file", str(s.key_file)]
+                if s.key_file
+                else ["--allow-unsigned-updates"]  # the operator published unsigned too
+            )
         else:
             raise ReplayError("the replay's workers need --model DIR or --registry DIR")
         t = s.topics

@@ -44,7 +44,8 @@ from stream_rnn.train.retrain import (
 )
 from stream_rnn.train.trainer import Callback, TrainConfig, _device
 
-# Announce(registry, version) -> whether workers were told (False: --no-announce).
+# Announce(registry, version) -> whether workers were told (False: --no-announce); called under
+# the registry's lock right after ``version`` was promoted.
 Announce = Callable[[Registry, str], bool]
 Say = Callable[[str], None]
 LOG_NAME = "retrain.jsonl"
@@ -236,12 +237,6 @@ def _publish(
 ) -> None:
     production = entry["production"]
     announce = hooks.prepare_announce() if hooks.prepare_announce is not None else None
-    now = registry.production()
-    if now != production:
-        raise RetrainError(
-            f"production moved from {production} to {now} while this run trained; a "
-            f"candidate trained from {production} is not published over it: run again"
-        )
     metrics = {
         "holdout": entry["candidate_metrics"],
         "production_holdout": entry["production_metrics"],
@@ -251,24 +246,34 @@ def _publish(
         "margin": job.margin,
         "forced": job.force,
     }
-    manifest = registry.add(
-        work,
-        data_window=json_safe(entry["data_window"]),
-        metrics=json_safe(metrics),
-        parent_version=production,
-    )
-    registry.promote(manifest.version)
-    told = "better" if verdict.better else "forced (--force), although not better"
-    reason = f"{told}: {verdict.describe()}"
-    entry.update(decision="published", version=manifest.version, reason=reason)
-    if announce is None:
-        entry["announced"] = False
-        return
-    try:
-        entry["announced"] = announce(registry, manifest.version)
-    except AnnouncementError as err:
-        entry.update(announced=False, error=type(err).__name__, announce_error=str(err))
-        result.error = err
+    # The check, the promotion and the announcement under one lock: an operator's rollback
+    # racing this run lands before or after all three, and the pointer and the last
+    # announcement name the same version.
+    with registry.locked():
+        now = registry.production()
+        if now != production:
+            raise RetrainError(
+                f"production moved from {production} to {now} while this run trained; a "
+                f"candidate trained from {production} is not published over it: run again"
+            )
+        manifest = registry.add(
+            work,
+            data_window=json_safe(entry["data_window"]),
+            metrics=json_safe(metrics),
+            parent_version=production,
+        )
+        registry.promote(manifest.version, policy=job.policy)
+        told = "better" if verdict.better else "forced (--force), although not better"
+        reason = f"{told}: {verdict.describe()}"
+        entry.update(decision="published", version=manifest.version, reason=reason)
+        if announce is None:
+            entry["announced"] = False
+            return
+        try:
+            entry["announced"] = announce(registry, manifest.version)
+        except AnnouncementError as err:
+            entry.update(announced=False, error=type(err).__name__, announce_error=str(err))
+            result.error = err
 
 
 def _load(

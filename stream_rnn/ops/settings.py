@@ -38,8 +38,15 @@ class Settings(BaseSettings):
     )
     update_key_file: Path | None = Field(
         None,
-        description="HMAC key file (chmod 600, at least 16 bytes) that signs model-update "
-        "announcements (publisher) and verifies them (worker); None: unsigned",
+        description="key file of model-update announcements: Ed25519 private key (publisher) "
+        "or public key (workers), from `stream-rnn models keygen`, or an HMAC secret shared by "
+        "both (chmod 600, 32 random bytes); None: unsigned",
+    )
+    allow_unsigned_updates: bool = Field(
+        False,
+        description="workers: accept unsigned model-update announcements (anyone who can write "
+        "the updates topic can then choose the served version); off: a registry worker "
+        "without --update-key-file refuses to start",
     )
     history: int = Field(
         0, ge=0, description="tokens kept per key so that a model swap can rewarm states (0: off)"

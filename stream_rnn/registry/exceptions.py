@@ -17,6 +17,8 @@ RejectReason = Literal[
     "shapes",
     "non_finite",
     "incompatible",
+    "stale",  # a sequence number at or below one already seen: a replayed announcement
+    "domain",  # signed for another registry or updates topic (another environment)
 ]
 REJECT_REASONS: tuple[str, ...] = get_args(RejectReason)
 

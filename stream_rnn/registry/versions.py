@@ -7,13 +7,19 @@ Layout of a registry directory ``ROOT`` (``--registry DIR``, ``$STREAM_RNN_REGIS
     ROOT/versions/<version>/registry.json         added_at, parent, data window, metrics
     ROOT/production.json                          {"version", "history", "updated_at"}
     ROOT/events.jsonl                             append-only: add / promote / rollback
+    ROOT/registry-id                              random id, made once: the announcements' domain
+    ROOT/sequence                                 the last announcement sequence number issued
+    ROOT/announcement.json                        the last announcement, as signed and sent
     ROOT/.lock                                    flock'ed around every read-modify-write
 
 Guarantees: a version directory appears complete or not at all (it is assembled and verified
 in a temporary directory inside ROOT, then renamed into place) and is never rewritten;
 ``production.json`` is replaced atomically (temp file, fsync, ``os.replace``), so a reader sees
 the old pointer or the new one, never a torn one; concurrent writers (processes) serialise on
-an exclusive ``flock`` of ``ROOT/.lock``, so no promotion is lost.
+an exclusive ``flock`` of ``ROOT/.lock``, so no promotion is lost; `Registry.locked` holds it
+around a promotion *and* its announcement (`stream_rnn.registry.updates.announce_production`),
+so that the pointer and the last announcement name the same version. Directories are 0750 and
+files 0640: a worker of the same group may read them, nobody else.
 
 Example::
 
@@ -30,8 +36,10 @@ import fcntl
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,17 +51,31 @@ from stream_rnn.registry.checkpoint import (
     MANIFEST_FILE,
     WEIGHTS_FILE,
     Manifest,
-    atomic_write,
     load_checkpoint,
     read_manifest,
 )
 from stream_rnn.registry.exceptions import CheckpointError, RegistryError
+from stream_rnn.registry.files import (
+    DIR_MODE,
+    FILE_MODE,
+    atomic_write,
+    fsync_dir,
+    fsync_file,
+    read_json,
+    write_json,
+)
 
 VERSIONS_DIR = "versions"
 PRODUCTION_FILE = "production.json"
 EVENTS_FILE = "events.jsonl"
 LOCK_FILE = ".lock"
 INFO_FILE = "registry.json"
+ID_FILE = "registry-id"
+SEQUENCE_FILE = "sequence"
+ANNOUNCEMENT_FILE = "announcement.json"
+MAX_ANNOUNCEMENT_BYTES = 64 * 1024
+DEFAULT_POLICY = "rewarm"  # what `models publish` asked for before policies were recorded
+_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 # A version id becomes a directory name: no separators, no dot-dot, no hidden names.
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -102,6 +124,7 @@ class Registry:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self._held = threading.local()  # lock depth per thread: `locked` is re-entrant
 
     def __repr__(self) -> str:
         return f"Registry({str(self.root)!r})"
@@ -127,6 +150,65 @@ class Registry:
     def history(self) -> builtins.list[str]:
         """Earlier production versions, newest last (what `rollback` returns to)."""
         return list(self._read_pointer()["history"])
+
+    def swap_history(self) -> builtins.list[tuple[str, str]]:
+        """Every promotion and rollback as ``(version, policy)``, oldest first.
+
+        ``policy`` is the state policy the promotion asked workers to apply (keep, reset,
+        rewarm); entries written before policies were recorded read as ``rewarm``, what
+        ``models publish`` asked for then. Read from the append-only ``events.jsonl``.
+        """
+        path = self.root / EVENTS_FILE
+        if not path.is_file():
+            return []
+        swaps = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by a crash mid-append
+            if isinstance(event, dict) and event.get("event") in ("promote", "rollback"):
+                policy = event.get("policy")
+                swaps.append((str(event["version"]), str(policy or DEFAULT_POLICY)))
+        return swaps
+
+    def identity(self) -> str:
+        """This registry's id (32 hex digits), made once at random: the domain that its
+        announcements are signed for, so that another registry's are refused."""
+        path = self.root / ID_FILE
+        if not path.exists():
+            with self.locked():
+                if not path.exists():
+                    atomic_write(path, secrets.token_hex(16).encode() + b"\n")
+        try:
+            ident = path.read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RegistryError(f"cannot read the registry id {path} ({exc})") from exc
+        if not _ID_RE.match(ident):
+            raise RegistryError(f"{path} holds {ident[:40]!r}, not a registry id: it is damaged")
+        return ident
+
+    def next_sequence(self) -> int:
+        """Issue the next announcement sequence number (1, 2, ...); only under `locked`."""
+        if not getattr(self._held, "depth", 0):
+            raise RegistryError("a sequence number is issued only under Registry.locked()")
+        path = self.root / SEQUENCE_FILE
+        last = int(path.read_text().strip()) if path.is_file() else 0
+        atomic_write(path, f"{last + 1}\n".encode())
+        return last + 1
+
+    def record_announcement(self, raw: bytes) -> None:
+        """Keep the announcement just sent (its exact bytes); workers starting later take the
+        freshest of it and the topic's, so a replay that compaction kept cannot win."""
+        atomic_write(self.root / ANNOUNCEMENT_FILE, raw)
+
+    def last_announcement(self) -> bytes | None:
+        """The bytes of the last announcement sent from this registry, or None."""
+        path = self.root / ANNOUNCEMENT_FILE
+        if not path.is_file() or path.is_symlink():
+            return None
+        with path.open("rb") as fh:
+            return fh.read(MAX_ANNOUNCEMENT_BYTES + 1)
 
     def list(self) -> builtins.list[VersionInfo]:
         """Every registered version, oldest first (by the time it was added)."""
@@ -178,6 +260,7 @@ class Registry:
             ) from exc
         (self.root / VERSIONS_DIR).mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=self.root, prefix=".add-"))
+        staging.chmod(DIR_MODE)  # mkdtemp makes it 0700: workers of the group must read it
         try:
             for name in (WEIGHTS_FILE, MANIFEST_FILE):
                 if not (source / name).is_file():
@@ -186,6 +269,7 @@ class Registry:
                         "`stream-rnn train --out DIR`)"
                     )
                 shutil.copyfile(source / name, staging / name)
+                (staging / name).chmod(FILE_MODE)
             try:
                 _, manifest = load_checkpoint(staging)
             except CheckpointError as exc:
@@ -201,29 +285,30 @@ class Registry:
                 "metrics": {**manifest.metrics, **(metrics or {})},
                 "source": str(source.absolute()),
             }
-            _write_json(staging / INFO_FILE, info)
+            write_json(staging / INFO_FILE, info)
             for name in (WEIGHTS_FILE, MANIFEST_FILE):
-                _fsync_file(staging / name)
-            _fsync_dir(staging)
-            with self._locked():
+                fsync_file(staging / name)
+            fsync_dir(staging)
+            with self.locked():
                 target = self.root / VERSIONS_DIR / version
                 if target.exists():
                     return self._same_or_refuse(target, manifest, source)
                 os.rename(staging, target)
-                _fsync_dir(target.parent)
+                fsync_dir(target.parent)
                 self._event("add", version=version, source=str(source.absolute()))
             return manifest
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def promote(self, version: str) -> str | None:
+    def promote(self, version: str, *, policy: str = DEFAULT_POLICY) -> str | None:
         """Make ``version`` production; return the version it replaced (None if none).
 
         The replaced version goes onto the history that `rollback` returns to. Promoting the
-        current production version changes nothing (and logs nothing).
+        current production version changes nothing (and logs nothing). ``policy`` (the state
+        policy announced with it) is recorded for `swap_history`.
         """
         self.path(version)
-        with self._locked():
+        with self.locked():
             pointer = self._read_pointer()
             previous = pointer["version"]
             if previous == version:
@@ -232,16 +317,16 @@ class Registry:
             if previous is not None:
                 history.append(previous)
             self._write_pointer(version, history)
-            self._event("promote", version=version, previous=previous)
+            self._event("promote", version=version, previous=previous, policy=policy)
         return previous
 
-    def rollback(self) -> str:
+    def rollback(self, *, policy: str = DEFAULT_POLICY) -> str:
         """Make the previous production version production again; return it.
 
         The current version is dropped from production (not pushed onto the history), so
         successive rollbacks walk back through earlier production versions.
         """
-        with self._locked():
+        with self.locked():
             pointer = self._read_pointer()
             history = list(pointer["history"])
             if not history:
@@ -253,7 +338,7 @@ class Registry:
             target = history.pop()
             self.path(target)
             self._write_pointer(target, history)
-            self._event("rollback", version=target, previous=pointer["version"])
+            self._event("rollback", version=target, previous=pointer["version"], policy=policy)
         return target
 
     # ------------------------------------------------------------------ internals
@@ -266,7 +351,7 @@ class Registry:
     def _info(self, version: str, current: str | None) -> VersionInfo:
         where = self.path(version)
         manifest = read_manifest(where)
-        extra = _read_json(where / INFO_FILE) if (where / INFO_FILE).is_file() else {}
+        extra = read_json(where / INFO_FILE) if (where / INFO_FILE).is_file() else {}
         return VersionInfo(
             version=version,
             created_at=manifest.created_at,
@@ -293,7 +378,7 @@ class Registry:
         path = self.root / PRODUCTION_FILE
         if not path.is_file():
             return {"version": None, "history": [], "updated_at": None}
-        data = _read_json(path)
+        data = read_json(path)
         version, history = data.get("version"), data.get("history")
         if not (version is None or isinstance(version, str)) or not (
             isinstance(history, list) and all(isinstance(v, str) for v in history)
@@ -306,11 +391,11 @@ class Registry:
 
     def _write_pointer(self, version: str, history: builtins.list[str]) -> None:
         pointer = {"version": version, "history": history, "updated_at": time.time()}
-        _write_json(self.root / PRODUCTION_FILE, pointer, atomic=True)
+        write_json(self.root / PRODUCTION_FILE, pointer, atomic=True)
 
     def _event(self, event: str, **fields: Any) -> None:
         line = json.dumps({"at": time.time(), "event": event, **fields}, sort_keys=True)
-        fd = os.open(self.root / EVENTS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.root / EVENTS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
         try:
             os.write(fd, line.encode() + b"\n")
             os.fsync(fd)
@@ -318,47 +403,26 @@ class Registry:
             os.close(fd)
 
     @contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / LOCK_FILE, "a+b") as fh:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+    def locked(self) -> Iterator[None]:
+        """Hold the registry's exclusive lock (re-entrant within a thread).
+
+        Other processes, and other threads with their own `Registry`, wait until it is
+        released: hold it around a promotion and its announcement.
+        """
+        depth = getattr(self._held, "depth", 0)
+        if depth:
+            self._held.depth = depth + 1
             try:
                 yield
             finally:
+                self._held.depth -= 1
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / LOCK_FILE, "a+b") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            self._held.depth = 1
+            try:
+                yield
+            finally:
+                self._held.depth = 0
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RegistryError(f"{path} is unreadable ({exc}); the registry is damaged") from exc
-    if not isinstance(data, dict):
-        raise RegistryError(f"{path} must hold a JSON object; the registry is damaged")
-    return data
-
-
-def _write_json(path: Path, data: dict[str, Any], *, atomic: bool = False) -> None:
-    payload = json.dumps(data, indent=2, allow_nan=False).encode() + b"\n"
-    if not atomic:
-        path.write_bytes(payload)
-        return
-    atomic_write(path, payload)
-    _fsync_dir(path.parent)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    # the rename/replace itself is durable only once its directory entry is
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from stream_rnn.registry.checkpoint import MANIFEST_FILE
 from stream_rnn.registry.exceptions import RegistryError
-from stream_rnn.registry.updates import Policy, build_update, publish_update, sign
+from stream_rnn.registry.keys import UpdateKey, as_update_key
+from stream_rnn.registry.updates import Announcer, Policy, announce_production
 from stream_rnn.registry.versions import Registry, check_version_id
 from stream_rnn.replay.exceptions import ReplayError
 
@@ -48,7 +49,7 @@ def publish_model(
     *,
     bootstrap: str,
     topic: str,
-    key: bytes | None,
+    key: UpdateKey | bytes | None,
     policy: Policy = "keep",
 ) -> str:
     """Register ``source`` (a checkpoint directory) or take it as a registered version, make it
@@ -61,9 +62,13 @@ def publish_model(
     else:
         version = check_version_id(source)
         registry.path(version)  # raises for an unknown version
-    registry.promote(version)
-    update = build_update(registry.path(version), policy=policy)
-    if key is not None:
-        update = sign(update, key)
-    publish_update(bootstrap, update, topic)
+    announcer = Announcer(bootstrap, topic, as_update_key(key) if key is not None else None)
+    announce_production(
+        registry, lambda reg: _promoted(reg, version, policy), policy=policy, announcer=announcer
+    )
+    return version
+
+
+def _promoted(registry: Registry, version: str, policy: str) -> str:
+    registry.promote(version, policy=policy)
     return version

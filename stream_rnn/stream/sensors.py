@@ -163,6 +163,9 @@ class Sensor:
     def on_update_rejected(self, reason: str) -> None:
         """An announced model update was refused (``reason``: signature, sha256, shape...)."""
 
+    def on_startup_refusal(self, reason: str) -> None:
+        """At start-up the announced version was refused; an older one that verifies serves."""
+
 
 @dataclass
 class CountingSensor(Sensor):
@@ -196,6 +199,7 @@ class CountingSensor(Sensor):
     rebalances: int = 0
     swaps: int = 0
     updates_rejected: Counter[str] = field(default_factory=Counter)
+    startup_refusals: Counter[str] = field(default_factory=Counter)
     latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
     batch_tokens: Histogram = field(default_factory=lambda: Histogram(BATCH_TOKEN_BUCKETS))
     step: Histogram = field(default_factory=lambda: Histogram(STEP_BUCKETS))
@@ -259,6 +263,9 @@ class CountingSensor(Sensor):
 
     def on_update_rejected(self, reason: str) -> None:
         self.updates_rejected[reason] += 1
+
+    def on_startup_refusal(self, reason: str) -> None:
+        self.startup_refusals[reason] += 1
 
 
 class FanoutSensor(Sensor):
@@ -411,6 +418,14 @@ class MetricsCollector(Collector):
         for reason in sorted({*s.updates_rejected, *self.rejection_reasons}):
             rejected.add_metric([reason], s.updates_rejected.get(reason, 0))
         yield rejected
+        refused = _counter(
+            "stream_rnn_model_startup_refusals",
+            "Announced versions refused at start-up (an older one that verifies serves)",
+            ["reason"],
+        )
+        for reason in sorted({*s.startup_refusals, *self.rejection_reasons}):
+            refused.add_metric([reason], s.startup_refusals.get(reason, 0))
+        yield refused
         yield _histogram(
             "stream_rnn_swap_pause_seconds", "Micro-batches paused by a model swap", s.swap_pause
         )

@@ -486,6 +486,8 @@ class StreamWorker(CommitMixin):
             "model_swaps": len(self.swaps),
             "last_swap": self.swaps[-1] if self.swaps else None,
             "model_updates_rejected": dict(s.updates_rejected),
+            "startup_refusal": self.opts.startup_refusal,  # set by worker_app.start_from_registry
+            "serving_fallback": self.opts.serving_fallback,
             "assigned": self.assigned,
             "batches": s.batches,
             "messages": s.events,

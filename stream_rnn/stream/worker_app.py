@@ -28,10 +28,11 @@ from prometheus_client import CollectorRegistry
 from stream_rnn.ops.processes import pid_alive
 from stream_rnn.ops.settings import Settings
 from stream_rnn.registry.exceptions import REJECT_REASONS
-from stream_rnn.registry.updates import load_update_key
+from stream_rnn.registry.keys import UpdateKey, load_update_key
 from stream_rnn.stream import faust_boundary as fb
 from stream_rnn.stream.batches import consume_batches
-from stream_rnn.stream.follow import ModelFollower, initial_model
+from stream_rnn.stream.exceptions import StreamError
+from stream_rnn.stream.follow import ModelFollower, startup_model
 from stream_rnn.stream.reasons import REASONS
 from stream_rnn.stream.sensors import MetricsCollector, MetricsServer
 from stream_rnn.stream.status import StatusServer
@@ -170,11 +171,13 @@ def build_app(opts: WorkerOptions, worker: StreamWorker | None = None) -> faust.
         worker.trim_when_idle()
 
     if opts.registry is not None:
-        key = load_update_key(opts.update_key_file) if opts.update_key_file else None
         follower = ModelFollower(
             opts.bootstrap,
             opts.model_updates_topic,
-            key=key,
+            key=worker_update_key(opts),
+            registry=opts.registry,
+            allow_unsigned=opts.allow_unsigned_updates,
+            after_seq=opts.update_seq,
             current=lambda: worker.engine.manifest,
             apply=worker.swap_model,
             rejected=worker.update_rejected,
@@ -195,20 +198,19 @@ def build_app(opts: WorkerOptions, worker: StreamWorker | None = None) -> faust.
 
 def run_worker(opts: WorkerOptions, settings: Settings) -> int:
     """Create the topics if needed, then run one worker until SIGTERM/SIGINT; the exit code."""
+    if opts.registry is not None:
+        worker_update_key(opts)  # no key and no --allow-unsigned-updates: stop before anything
     layout = ensure_topics(opts.bootstrap, opts.settings(settings), partitions=opts.partitions)
     for mismatch in fb.check_versions():
         log.warning("untested version: %s; the worker relies on its internals", mismatch)
     if opts.registry is not None:
-        key = load_update_key(opts.update_key_file) if opts.update_key_file else None
-        model_dir, where = initial_model(
-            opts.registry, opts.bootstrap, opts.model_updates_topic, key=key
-        )
-        log.info("serving %s (%s); following %s", model_dir, where, opts.model_updates_topic)
-        opts = replace(opts, model_dir=model_dir)
+        opts = start_from_registry(opts)
     removed = remove_stale_dirs(opts.worker_dir)
     if removed:
         log.info("removed %d local state files of workers that are gone", removed)
     worker = StreamWorker(opts)
+    if opts.startup_refusal is not None:
+        worker.sensor.on_startup_refusal(opts.startup_refusal.partition(":")[0])
     app = build_app(opts, worker)
     log.info(
         "worker %d: model %s on %s, group %r, %s (%d partitions) -> %s, %s",
@@ -229,6 +231,48 @@ def run_worker(opts: WorkerOptions, settings: Settings) -> int:
         worker.close()
         shutil.rmtree(opts.worker_dir / f"{opts.group}-{os.getpid()}", ignore_errors=True)
     return 0
+
+
+def worker_update_key(opts: WorkerOptions) -> UpdateKey | None:
+    """The key a registry worker verifies announcements with; `StreamError` when it has none
+    and unsigned updates are not explicitly allowed (it would follow anyone's announcements)."""
+    if opts.update_key_file is not None:
+        return load_update_key(opts.update_key_file)
+    if not opts.allow_unsigned_updates:
+        raise StreamError(
+            f"a worker that follows the registry {opts.registry} needs --update-key-file (the "
+            "Ed25519 update.pub of `stream-rnn models keygen`, or the HMAC secret) to verify "
+            "model updates; pass --allow-unsigned-updates (STREAM_RNN_ALLOW_UNSIGNED_UPDATES=1) "
+            "only if anyone who can write the updates topic may choose the served model"
+        )
+    return None
+
+
+def start_from_registry(opts: WorkerOptions) -> WorkerOptions:
+    """``opts`` with the registry version to serve first, verified (`startup_model`)."""
+    key = worker_update_key(opts)
+    if key is None:
+        log.warning(
+            "--allow-unsigned-updates: unsigned model updates on %s are accepted; anyone who "
+            "can write that topic chooses the model this worker serves",
+            opts.model_updates_topic,
+        )
+    assert opts.registry is not None  # noqa: S101 - the caller checked
+    choice = startup_model(
+        opts.registry, opts.bootstrap, opts.model_updates_topic, key=key,
+        allow_unsigned=opts.allow_unsigned_updates, device=opts.device,
+    )  # fmt: skip
+    log.info(
+        "serving %s (%s); following %s", choice.version, choice.source, opts.model_updates_topic
+    )
+    refusal = choice.refusal
+    return replace(
+        opts,
+        model_dir=choice.model_dir,
+        update_seq=choice.seq,
+        startup_refusal=f"{refusal.reason}: {refusal.detail}" if refusal else None,
+        serving_fallback=choice.fallback,
+    )
 
 
 def remove_stale_dirs(worker_dir: Path) -> int:

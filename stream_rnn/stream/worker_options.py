@@ -59,9 +59,14 @@ class WorkerOptions:
     # the learning loop: serve the registry's production version and follow its announcements
     registry: Path | None = None
     update_key_file: Path | None = None
+    allow_unsigned_updates: bool = False
     model_updates_topic: str = "stream-rnn.model-updates"
     history: int = 0  # tokens kept per key for a rewarm after a swap (0: off)
     swap_policy: Literal["keep", "reset", "rewarm"] | None = None  # restores across versions
+    # decided at start-up (`stream.follow.startup_model`), reported by the status page
+    update_seq: int = 0  # the highest valid announcement sequence number seen at start-up
+    startup_refusal: str | None = None  # why the announced version is not served
+    serving_fallback: bool = False  # an older registry version serves because of that
 
     @classmethod
     def from_settings(

@@ -16,6 +16,7 @@ file) while v1 keeps serving with unchanged outputs, then rolls back from v2 to 
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import random
@@ -81,6 +82,8 @@ class Deployment:
             "--group", group or unique_name("swap"), *t.worker_args(),
             "--history", str(HISTORY), *args,
         ]  # fmt: skip
+        if "--update-key-file" not in args:  # these tests publish unsigned
+            argv.append("--allow-unsigned-updates")
         env = {
             "STREAM_RNN_WORKER_DIR": str(self.tmp / "workers"),
             "STREAM_RNN_MODEL_UPDATES_TOPIC": self.updates,
@@ -202,10 +205,10 @@ def test_refused_updates_leave_the_model_serving_and_rollback_returns(
 ) -> None:
     dep = deployment
     key = tmp_path / "update.key"
-    key.write_text("k" * 32)
+    key.write_text(base64.b64encode(os.urandom(32)).decode())
     os.chmod(key, 0o600)
     wrong = tmp_path / "wrong.key"
-    wrong.write_text("w" * 32)
+    wrong.write_text(base64.b64encode(os.urandom(32)).decode())
     os.chmod(wrong, 0o600)
     v1 = tiny_model(tmp_path / "v1", seed=1)
     v2 = tiny_model(tmp_path / "v2", seed=2)

@@ -22,7 +22,12 @@ from stream_harness import REPO, run_cli
 from stream_rnn.model import ModelConfig, RecurrentModel
 from stream_rnn.ops.processes import find_free_port
 from stream_rnn.registry import Registry, UpdateRejected, read_manifest, save_checkpoint
-from stream_rnn.registry.updates import read_current_update, verify_signature, verify_update
+from stream_rnn.registry.updates import (
+    load_update_key,
+    read_current_update,
+    verify_signature,
+    verify_update,
+)
 from stream_rnn.train.vocab import Vocab
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
@@ -85,7 +90,8 @@ def test_publish_promote_rollback_are_announced(
     assert f"production: none -> {v1}" in out and "signed" in out
     first = read_current_update(kafka_broker, updates_topic)
     assert first is not None and first.version == v1 and first.policy == "keep"
-    assert first.location == str((registry / "versions" / v1).resolve())
+    assert first.registry_id == Registry(registry).identity() and first.seq == 1
+    assert first.topic == updates_topic and first.alg == "hmac-sha256"
     verify_signature(first, KEY)
 
     # the key given as a flag instead of the environment
@@ -97,7 +103,9 @@ def test_publish_promote_rollback_are_announced(
     second = read_current_update(kafka_broker, updates_topic)
     assert second is not None and second.version == v2
     # what a worker running v1 makes of it: a wider model cannot keep v1's states
-    verified = verify_update(second, key=KEY, current=read_manifest(m1))
+    verified = verify_update(
+        second, key=KEY, registry=registry, topic=updates_topic, current=read_manifest(m1)
+    )
     assert verified.policy == "rewarm" and "hidden_size 8 -> 16" in str(verified.note)
 
     listing = run_cli("models", "list", "--registry", str(registry))
@@ -110,7 +118,7 @@ def test_publish_promote_rollback_are_announced(
     assert f"rolled back: production {v2} -> {v1}" in out
     back = read_current_update(kafka_broker, updates_topic)
     assert back is not None and back.version == v1 and back.policy == "rewarm"
-    assert back.published_at > second.published_at
+    assert back.published_at > second.published_at and back.seq == second.seq + 1
     verify_signature(back, KEY)
     assert Registry(registry).production() == v1
 
@@ -119,6 +127,9 @@ def test_publish_promote_rollback_are_announced(
     latest = read_current_update(kafka_broker, updates_topic)
     assert latest is not None and (latest.version, latest.policy) == (v2, "reset")
     assert Registry(registry).history() == [v1]
+    assert Registry(registry).swap_history() == [
+        (v1, "keep"), (v2, "keep"), (v1, "rewarm"), (v2, "reset")
+    ]  # fmt: skip
 
     # the topic: compacted, one partition, created by the first publish
     admin = KafkaAdminClient(bootstrap_servers=kafka_broker, client_id="tests-models-check")
@@ -147,7 +158,7 @@ def test_user_errors_are_one_line_and_change_nothing(
     assert Registry(registry).list() == []  # the key is checked before the registry changes
 
     out = run_cli("models", "publish", str(m1), *common)
-    assert "UNSIGNED" in out and "workers configured with an update key refuse it" in out
+    assert "UNSIGNED" in out and "workers refuse it unless" in out
     unsigned = read_current_update(kafka_broker, updates_topic)
     assert unsigned is not None and unsigned.signature is None
 
@@ -170,3 +181,38 @@ def test_user_errors_are_one_line_and_change_nothing(
     with pytest.raises(UpdateRejected) as info:
         read_current_update(kafka_broker, updates_topic)
     assert info.value.reason == "malformed"
+
+
+def test_keygen_pair_signs_with_the_private_key_and_verifies_with_the_public(
+    kafka_broker: str, updates_topic: str, tmp_path: Path
+) -> None:
+    keys = tmp_path / "keys"
+    out = run_cli("models", "keygen", "--out", str(keys))
+    assert "update.key" in out and "update.pub" in out
+    assert (keys / "update.key").stat().st_mode & 0o777 == 0o600
+    assert "PUBLIC KEY" in (keys / "update.pub").read_text()
+    registry = tmp_path / "registry"
+    m1 = _model(tmp_path / "m1", hidden=8, seed=0)
+    common = ["--registry", str(registry), "--bootstrap", kafka_broker, "--topic", updates_topic]
+    # a worker's public key cannot sign
+    err = _fails(
+        "models", "publish", str(m1), *common, "--update-key-file", str(keys / "update.pub")
+    )
+    assert "public key" in err and "cannot sign" in err
+    out = run_cli(
+        "models", "publish", str(m1), *common, "--update-key-file", str(keys / "update.key")
+    )
+    assert "signed ed25519" in out
+    update = read_current_update(kafka_broker, updates_topic)
+    assert update is not None and update.alg == "ed25519" and len(update.signature or "") == 128
+    public = load_update_key(keys / "update.pub")
+    verify_signature(update, public)
+    verified = verify_update(
+        update, key=public, registry=registry, topic=updates_topic, current=read_manifest(m1)
+    )
+    assert verified.manifest.version == read_manifest(m1).version
+    # the same message checked with an HMAC secret: refused (no algorithm confusion)
+    with pytest.raises(UpdateRejected, match="signed with ed25519 but") as info:
+        verify_signature(update, KEY)
+    assert info.value.reason == "bad_signature"
+    assert "exists" in _fails("models", "keygen", "--out", str(keys))  # never overwritten

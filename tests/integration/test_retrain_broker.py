@@ -123,10 +123,12 @@ def test_retrain_from_topic_publishes_v2_and_announces_it(
 
     update = read_current_update(kafka_broker, updates_topic)
     assert update is not None and update.version == v2 and update.policy == "keep"
-    assert update.location == str((registry / "versions" / v2).resolve())
+    assert update.seq == 2 and update.registry_id == Registry(registry).identity()
     verify_signature(update, KEY)
     # a worker running v1 takes it and keeps its states: same architecture and vocabulary
-    verified = verify_update(update, key=KEY, current=read_manifest(v1_dir))
+    verified = verify_update(
+        update, key=KEY, registry=registry, topic=updates_topic, current=read_manifest(v1_dir)
+    )
     assert verified.policy == "keep" and verified.note is None
     assert 'stream_rnn_retrain_runs_total{decision="published"} 1.0' in prom.read_text()
 

@@ -1,11 +1,13 @@
 """Model-update announcements: wire format, signing, key files, verification and policies.
 
-Every rejection reason is produced from real files: tampered bytes, re-shaped tensors, NaN.
+Every rejection reason is produced from real files in a real registry: tampered bytes,
+re-shaped tensors, NaN. Announcements name a version id, resolved in the worker's registry.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from stream_rnn.model import ModelConfig, RecurrentModel
-from stream_rnn.registry import Manifest, UpdateRejected, read_manifest, save_checkpoint
+from stream_rnn.registry import Manifest, Registry, UpdateRejected, read_manifest, save_checkpoint
 from stream_rnn.registry.checkpoint import sha256_file
 from stream_rnn.registry.exceptions import RegistryError
 from stream_rnn.registry.updates import (
@@ -32,7 +34,8 @@ from stream_rnn.train.vocab import Vocab
 
 VOCAB = Vocab.build(["abcdefgh"], "char")
 OTHER_VOCAB = Vocab.build(["abcdefgz"], "char")
-KEY = b"k" * 32
+KEY = b"Xq3vR8pL2mN7kT4wY9zB6cF1hJ5sD0gA"
+_SEQ = itertools.count(1)
 
 
 def _save(
@@ -75,22 +78,48 @@ def current(tmp_path: Path) -> Manifest:
     return read_manifest(_save(tmp_path / "current", seed=0))
 
 
-def _rejected(update: ModelUpdate, current: Manifest, key: bytes | None = None) -> UpdateRejected:
+def _reg(where: Path) -> Registry:
+    return Registry(where.parent / "registry")
+
+
+def _build(where: Path, *, policy: str = "keep", **kw: object) -> ModelUpdate:
+    """Add the checkpoint at ``where`` to the registry next to it; announce it (unsigned)."""
+    reg = _reg(where)
+    version = reg.add(where).version
+    return build_update(reg, version, policy=policy, seq=next(_SEQ), **kw)  # type: ignore[arg-type]
+
+
+def _stored(update: ModelUpdate, where: Path) -> Path:
+    """The registry's copy of the announced version (what the worker loads)."""
+    return _reg(where).path(update.version)
+
+
+def _verify(update: ModelUpdate, where: Path, current: Manifest, key: bytes | None = None):
+    return verify_update(
+        update, key=key, registry=_reg(where), current=current, allow_unsigned=key is None
+    )
+
+
+def _rejected(
+    update: ModelUpdate, current: Manifest, key: bytes | None = None, *, where: Path
+) -> UpdateRejected:
     with pytest.raises(UpdateRejected) as info:
-        verify_update(update, key=key, current=current)
+        _verify(update, where, current, key)
     return info.value
 
 
 # ------------------------------------------------------------------------------ wire format
 def test_round_trip_in_canonical_json(tmp_path: Path) -> None:
     where = _save(tmp_path / "m")
-    update = build_update(where, policy="keep", published_at=1700000000.5)
+    update = _build(where, published_at=1700000000.5)
     raw = update.to_bytes()
     assert raw == canonical_json(json.loads(raw)) and b" " not in raw
     back = ModelUpdate.from_bytes(raw)
-    assert back == update and back.v == 1 and back.signature is None
+    assert back == update and back.v == 2 and back.signature is None and back.alg is None
     manifest = read_manifest(where)
-    assert back.location == str(where.resolve()) and back.version == manifest.version
+    assert back.version == manifest.version and back.seq >= 1
+    assert back.registry_id == _reg(where).identity() and back.topic == "stream-rnn.model-updates"
+    assert "location" not in json.loads(raw)  # no paths on the wire
     assert back.weights_sha256 == manifest.weights_sha256
     assert back.architecture == {
         "task": "next-token",
@@ -105,7 +134,7 @@ def test_round_trip_in_canonical_json(tmp_path: Path) -> None:
         "labels": None,
     }
     with pytest.raises(RegistryError, match="policy 'later' is not one of keep, reset, rewarm"):
-        build_update(where, policy="later")  # type: ignore[arg-type]
+        _build(where, policy="later")
 
 
 def _edited(update: ModelUpdate, **changes: object) -> bytes:
@@ -125,13 +154,20 @@ def _edited(update: ModelUpdate, **changes: object) -> bytes:
         (lambda u: b"\xff\xfe", "not JSON"),
         (lambda u: b"[1, 2]", "expected a JSON object, got list"),
         (lambda u: None, "no value"),
+        (lambda u: b" " * 70000, "over the 65536"),
         (lambda u: _edited(u, policy=...), "missing \\['policy'\\]"),
         (lambda u: _edited(u, extra=1), "unexpected \\['extra'\\]"),
-        (lambda u: _edited(u, v=2), "v=2 is not supported"),
+        (lambda u: _edited(u, location="/srv/registry/x"), "unexpected \\['location'\\]"),
+        (lambda u: _edited(u, v=1), "v=1 is not supported; this worker takes v=2"),
         (lambda u: _edited(u, policy="maybe"), "policy 'maybe' is not one of"),
-        (lambda u: _edited(u, location="runs/registry/x"), "must be an absolute path"),
+        (lambda u: _edited(u, version="../../etc"), "cannot name a registry directory"),
+        (lambda u: _edited(u, seq=0), "seq must be a positive integer"),
+        (lambda u: _edited(u, seq=True), "seq must be a positive integer"),
+        (lambda u: _edited(u, registry_id="x"), "registry_id must be 32 hex"),
         (lambda u: _edited(u, weights_sha256="abc"), "weights_sha256 must be 64"),
-        (lambda u: _edited(u, signature=7), "signature must be"),
+        (lambda u: _edited(u, signature=7, alg="hmac-sha256"), "signature is not a hmac"),
+        (lambda u: _edited(u, alg="none", signature="0" * 64), "alg 'none' is not one of"),
+        (lambda u: _edited(u, alg="ed25519"), "both be given or both be null"),
         (lambda u: _edited(u, published_at=float("nan")), "NaN is not a JSON number"),
         (lambda u: _edited(u, published_at="now"), "published_at must be a finite number"),
         (lambda u: _edited(u, architecture={"task": "x"}), "architecture must have exactly"),
@@ -142,7 +178,7 @@ def _edited(update: ModelUpdate, **changes: object) -> bytes:
     ],
 )
 def test_malformed_messages_are_rejected(tmp_path: Path, edit, message: str) -> None:
-    update = build_update(_save(tmp_path / "m"), policy="reset")
+    update = _build(_save(tmp_path / "m"), policy="reset")
     with pytest.raises(UpdateRejected, match=message) as info:
         ModelUpdate.from_bytes(edit(update))
     assert info.value.reason == "malformed"
@@ -150,173 +186,193 @@ def test_malformed_messages_are_rejected(tmp_path: Path, edit, message: str) -> 
 
 # ---------------------------------------------------------------------------------- signing
 def test_signatures_verify_only_with_the_same_key_and_untouched_fields(tmp_path: Path) -> None:
-    signed = sign(build_update(_save(tmp_path / "m"), policy="keep"), KEY)
+    signed = sign(_build(_save(tmp_path / "m")), KEY)
     assert signed.signature is not None and len(signed.signature) == 64
+    assert signed.alg == "hmac-sha256"
     verify_signature(signed, KEY)
     verify_signature(ModelUpdate.from_bytes(signed.to_bytes()), KEY)  # survives the wire
     with pytest.raises(UpdateRejected, match="another key or altered") as info:
         verify_signature(signed, b"x" * 32)
     assert info.value.reason == "bad_signature"
-    moved = dataclasses.replace(signed, location="/elsewhere")
-    with pytest.raises(UpdateRejected) as info:
-        verify_signature(moved, KEY)
-    assert info.value.reason == "bad_signature"
-    unsigned = dataclasses.replace(signed, signature=None)
+    for change in ({"seq": signed.seq + 100}, {"topic": "other"}, {"registry_id": "0" * 32}):
+        moved = dataclasses.replace(signed, **change)  # type: ignore[arg-type]
+        with pytest.raises(UpdateRejected) as info:
+            verify_signature(moved, KEY)
+        assert info.value.reason == "bad_signature"
+    unsigned = dataclasses.replace(signed, signature=None, alg=None)
     with pytest.raises(UpdateRejected, match="carries no signature") as info:
         verify_signature(unsigned, KEY)
     assert info.value.reason == "unsigned"
 
 
-def test_update_key_files_must_be_private_and_long_enough(tmp_path: Path) -> None:
+def test_an_integer_published_at_verifies(tmp_path: Path) -> None:
+    # another publisher (or a JSON library) writes a whole-second stamp as an integer: the
+    # signature covers the value as sent, so the worker must not turn it into 1700000000.0
+    signed = sign(_build(_save(tmp_path / "m"), published_at=1700000000), KEY)
+    raw = signed.to_bytes()
+    assert b'"published_at":1700000000,' in raw
+    verify_signature(ModelUpdate.from_bytes(raw), KEY)
+
+
+def test_update_key_files_must_be_private_and_random(tmp_path: Path) -> None:
     path = tmp_path / "update.key"
     path.write_bytes(b"  " + KEY + b"\n")
     path.chmod(0o600)
-    assert load_update_key(path) == KEY
-    path.chmod(0o644)
-    with pytest.raises(RegistryError, match=r"by group/others \(mode 644\).*chmod 600"):
+    key = load_update_key(path)
+    assert key.alg == "hmac-sha256" and key.secret == KEY
+    path.chmod(0o640)
+    with pytest.raises(RegistryError, match=r"by group/others \(mode 640\).*chmod 600"):
         load_update_key(path)
     path.chmod(0o600)
     path.write_bytes(b"short\n")
-    with pytest.raises(RegistryError, match="has 5 bytes; use at least 16"):
+    with pytest.raises(RegistryError, match="has 5 bytes; use at least 32"):
         load_update_key(path)
     path.write_bytes(b" \n")
     with pytest.raises(RegistryError, match="is empty"):
         load_update_key(path)
-    with pytest.raises(RegistryError, match="does not exist; create one with"):
+    with pytest.raises(RegistryError, match="does not exist; create"):
         load_update_key(tmp_path / "missing.key")
 
 
 # ----------------------------------------------------------------------------- verification
 def test_a_good_signed_update_is_loaded(tmp_path: Path, current: Manifest) -> None:
     where = _save(tmp_path / "new", seed=1)
-    update = sign(build_update(where, policy="keep"), KEY)
+    update = sign(_build(where), KEY)
+    reg = _reg(where)
     # the worker runs this in a thread, off its event loop
     with ThreadPoolExecutor(1) as pool:
-        verified = pool.submit(verify_update, update, key=KEY, current=current).result()
+        verified = pool.submit(
+            verify_update, update, key=KEY, registry=reg, current=current
+        ).result()
     assert verified.policy == "keep" and verified.note is None
     assert verified.manifest.version == update.version and verified.update == update
     assert not verified.model.training
     expected = load_file(str(where / "weights.safetensors"))
     assert torch.equal(verified.model.state_dict()["decoder.bias"], expected["decoder.bias"])
-    # no key configured: unsigned updates are accepted
-    unsigned = build_update(where, policy="reset")
-    assert verify_update(unsigned, key=None, current=current).policy == "reset"
+    # no key: unsigned updates are accepted only when explicitly allowed
+    unsigned = _build(where, policy="reset")
+    assert _verify(unsigned, where, current).policy == "reset"
+    with pytest.raises(UpdateRejected, match="--allow-unsigned-updates") as info:
+        verify_update(unsigned, key=None, registry=reg, current=current)
+    assert info.value.reason == "unsigned"
 
 
 def test_signature_reasons(tmp_path: Path, current: Manifest) -> None:
-    update = build_update(_save(tmp_path / "new", seed=1), policy="keep")
-    assert _rejected(update, current, key=KEY).reason == "unsigned"
-    assert _rejected(sign(update, b"z" * 32), current, key=KEY).reason == "bad_signature"
+    where = _save(tmp_path / "new", seed=1)
+    update = _build(where)
+    assert _rejected(update, current, key=KEY, where=where).reason == "unsigned"
+    wrong = sign(update, b"z" * 32)
+    assert _rejected(wrong, current, key=KEY, where=where).reason == "bad_signature"
 
 
 def test_unreadable(tmp_path: Path, current: Manifest) -> None:
     where = _save(tmp_path / "new", seed=1)
-    update = build_update(where, policy="keep")
-    (where / "weights.safetensors").unlink()
-    err = _rejected(update, current)
+    update = _build(where)
+    stored = _stored(update, where)
+    (stored / "weights.safetensors").unlink()
+    err = _rejected(update, current, where=where)
     assert err.reason == "unreadable" and "weights.safetensors is missing" in str(err)
-    gone = dataclasses.replace(update, location=str(tmp_path / "nowhere"))
-    err = _rejected(gone, current)
-    assert err.reason == "unreadable" and "is the registry mounted" in str(err)
+    gone = dataclasses.replace(update, version="m-not-here")
+    err = _rejected(gone, current, where=where)
+    assert err.reason == "unreadable" and "is not in the registry" in str(err)
     # a weights file that is not safetensors at all (with a matching recorded sha256)
-    (where / "weights.safetensors").write_bytes(b"\x00" * 64)
-    manifest = json.loads((where / "manifest.json").read_text())
-    manifest["weights_sha256"] = sha256_file(where / "weights.safetensors")
-    (where / "manifest.json").write_text(json.dumps(manifest))
-    err = _rejected(build_update(where, policy="keep"), current)
+    (stored / "weights.safetensors").write_bytes(b"\x00" * 64)
+    manifest = json.loads((stored / "manifest.json").read_text())
+    manifest["weights_sha256"] = sha256_file(stored / "weights.safetensors")
+    (stored / "manifest.json").write_text(json.dumps(manifest))
+    fresh = build_update(_reg(where), update.version, policy="keep", seq=next(_SEQ))
+    err = _rejected(fresh, current, where=where)
     assert err.reason == "unreadable" and "not a readable safetensors file" in str(err)
 
 
 def test_checksum(tmp_path: Path, current: Manifest) -> None:
     where = _save(tmp_path / "new", seed=1)
-    update = build_update(where, policy="keep")
-    weights = where / "weights.safetensors"
+    update = _build(where)
+    stored = _stored(update, where)
+    weights = stored / "weights.safetensors"
     pristine = weights.read_bytes()
     data = bytearray(pristine)
     data[-5] ^= 0x01  # one bit of one weight
     weights.write_bytes(bytes(data))
-    err = _rejected(update, current)
+    err = _rejected(update, current, where=where)
     assert err.reason == "checksum" and "does not match the manifest" in str(err)
     weights.write_bytes(pristine)
-    verify_update(update, key=None, current=current)
+    _verify(update, where, current)
     # the manifest changed after the announcement
-    manifest = json.loads((where / "manifest.json").read_text())
+    manifest = json.loads((stored / "manifest.json").read_text())
     manifest["metrics"] = {"acc": 1.0}
-    (where / "manifest.json").write_text(json.dumps(manifest))
-    err = _rejected(update, current)
+    (stored / "manifest.json").write_text(json.dumps(manifest))
+    err = _rejected(update, current, where=where)
     assert err.reason == "checksum" and "announced sha256" in str(err)
     # an announcement whose own fields disagree with the files it names
-    fresh = build_update(where, policy="keep")
+    fresh = build_update(_reg(where), update.version, policy="keep", seq=next(_SEQ))
     wrong = dataclasses.replace(fresh, weights_sha256="0" * 64)
-    assert _rejected(wrong, current).reason == "checksum"
+    assert _rejected(wrong, current, where=where).reason == "checksum"
     arch = {**fresh.architecture, "hidden_size": 99}
-    err = _rejected(dataclasses.replace(fresh, architecture=arch), current)
+    err = _rejected(dataclasses.replace(fresh, architecture=arch), current, where=where)
     assert err.reason == "checksum" and "hidden_size 99 -> 8" in str(err)
 
 
-def test_shapes(tmp_path: Path, current: Manifest) -> None:
-    where = _save(tmp_path / "new", seed=1)
+def _tampered(where: Path, mutate: Callable[[dict[str, torch.Tensor]], None]) -> ModelUpdate:
+    update = _build(where)
+    _rewrite(_stored(update, where), mutate)
+    return build_update(_reg(where), update.version, policy="keep", seq=next(_SEQ))
 
+
+def test_shapes(tmp_path: Path, current: Manifest) -> None:
     def narrower(tensors: dict[str, torch.Tensor]) -> None:
         tensors["decoder.bias"] = tensors["decoder.bias"][:-1].clone()
 
-    _rewrite(where, narrower)
-    err = _rejected(build_update(where, policy="keep"), current)
+    where = _save(tmp_path / "new", seed=1)
+    err = _rejected(_tampered(where, narrower), current, where=where)
     assert err.reason == "shapes" and "'decoder.bias' has shape" in str(err)
-    _rewrite(where, lambda t: t.pop("decoder.bias"))
-    err = _rejected(build_update(where, policy="keep"), current)
+    where = _save(tmp_path / "new2", seed=2)
+    err = _rejected(_tampered(where, lambda t: t.pop("decoder.bias")), current, where=where)
     assert err.reason == "shapes" and "missing tensors ['decoder.bias']" in str(err)
 
 
 def test_non_finite(tmp_path: Path, current: Manifest) -> None:
-    where = _save(tmp_path / "new", seed=1)
-
     def poison(tensors: dict[str, torch.Tensor]) -> None:
         tensors["rnn.weight_hh_l0"][0, 0] = float("nan")
 
-    _rewrite(where, poison)
-    err = _rejected(build_update(where, policy="keep"), current)
+    where = _save(tmp_path / "new", seed=1)
+    err = _rejected(_tampered(where, poison), current, where=where)
     assert err.reason == "non_finite" and "non-finite" in str(err)
 
 
 def test_incompatible(tmp_path: Path, current: Manifest) -> None:
     other_task = _save(tmp_path / "cls", task="classify", num_labels=2, labels=["x", "y"])
-    err = _rejected(build_update(other_task, policy="keep"), current)
+    err = _rejected(_build(other_task), current, where=other_task)
     assert err.reason == "incompatible"
     assert "is a classify model but this worker serves next-token" in str(err)
 
     classifier = read_manifest(other_task)
     unmapped = _save(tmp_path / "cls3", task="classify", num_labels=3, labels=["x", "y"], seed=2)
-    err = _rejected(build_update(unmapped, policy="reset"), classifier)
+    err = _rejected(_build(unmapped, policy="reset"), classifier, where=unmapped)
     assert err.reason == "incompatible"
     assert "labels ['x', 'y'] cannot be mapped onto the model's 3 outputs" in str(err)
-
-    bidi = _save(
-        tmp_path / "bi", task="classify", num_labels=2, labels=["x", "y"], bidirectional=True
-    )
-    err = _rejected(build_update(bidi, policy="reset"), classifier)
-    assert err.reason == "incompatible" and "cannot be streamed" in str(err)
 
 
 # --------------------------------------------------------------------------------- policies
 def test_keep_needs_the_same_architecture_and_vocabulary(tmp_path: Path, current: Manifest) -> None:
-    wider = build_update(_save(tmp_path / "wide", hidden=16, seed=1), policy="keep")
-    verified = verify_update(wider, key=None, current=current)
+    wide = _save(tmp_path / "wide", hidden=16, seed=1)
+    wider = _build(wide)
+    verified = _verify(wider, wide, current)
     assert verified.policy == "rewarm" and verified.note is not None
     assert "hidden_size 8 -> 16" in verified.note and current.version in verified.note
 
-    words = build_update(_save(tmp_path / "voc", vocab=OTHER_VOCAB, seed=1), policy="keep")
-    verified = verify_update(words, key=None, current=current)
+    voc = _save(tmp_path / "voc", vocab=OTHER_VOCAB, seed=1)
+    verified = _verify(_build(voc), voc, current)
     assert verified.policy == "rewarm" and "the vocabulary differs" in str(verified.note)
 
     # explicit reset and rewarm are honoured whatever changed
     for policy in ("reset", "rewarm"):
         update = dataclasses.replace(wider, policy=policy)
-        assert verify_update(update, key=None, current=current).policy == policy
+        assert _verify(update, wide, current).policy == policy
 
 
 def test_new_label_names_do_not_prevent_keep(tmp_path: Path) -> None:
     old = read_manifest(_save(tmp_path / "a", task="classify", num_labels=2, labels=["x", "y"]))
     renamed = _save(tmp_path / "b", task="classify", num_labels=2, labels=["no", "yes"], seed=3)
-    verified = verify_update(build_update(renamed, policy="keep"), key=None, current=old)
+    verified = _verify(_build(renamed), renamed, old)
     assert verified.policy == "keep" and verified.manifest.labels == ["no", "yes"]

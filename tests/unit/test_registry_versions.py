@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -215,3 +216,94 @@ def test_concurrent_promotes_from_two_processes_lose_nothing(tmp_path: Path) -> 
     chain = [*pointer["history"], pointer["version"]]
     assert [e["version"] for e in promotes] == chain
     assert [e["previous"] for e in promotes[1:]] == chain[:-1]
+
+
+def test_swap_history_records_each_promotion_policy_and_reads_old_logs(tmp_path: Path) -> None:
+    reg = Registry(tmp_path / "reg")
+    v1 = reg.add(_checkpoint(tmp_path / "m1", seed=1)).version
+    v2 = reg.add(_checkpoint(tmp_path / "m2", seed=2)).version
+    assert reg.swap_history() == []
+    reg.promote(v1, policy="keep")
+    reg.promote(v2, policy="reset")
+    reg.promote(v2, policy="keep")  # already production: not a swap
+    reg.rollback(policy="rewarm")
+    assert reg.swap_history() == [(v1, "keep"), (v2, "reset"), (v1, "rewarm")]
+    # a log written before policies were recorded, with a line torn by a crash
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "events.jsonl").write_text(
+        json.dumps({"at": 1, "event": "add", "version": "m-a"}) + "\n"
+        + json.dumps({"at": 2, "event": "promote", "version": "m-a", "previous": None}) + "\n"
+        + json.dumps({"at": 3, "event": "promote", "version": "m-b", "previous": "m-a"}) + "\n"
+        + '{"at": 4, "event": "prom'
+    )  # fmt: skip
+    assert Registry(old).swap_history() == [("m-a", "rewarm"), ("m-b", "rewarm")]
+
+
+def test_registry_files_are_group_readable_and_never_group_writable(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    reg = Registry(tmp_path / "reg")
+    version = reg.add(_checkpoint(tmp_path / "m1")).version
+    reg.promote(version)
+    reg.identity()
+    where = reg.path(version)
+    assert stat.S_IMODE(where.stat().st_mode) == 0o750
+    for path in [*where.iterdir(), reg.root / "production.json", reg.root / "registry-id",
+                 reg.root / "events.jsonl"]:  # fmt: skip
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640, path
+    for dirpath, dirnames, filenames in os.walk(reg.root):
+        for name in [*dirnames, *filenames]:
+            assert not os.stat(os.path.join(dirpath, name)).st_mode & 0o022, name
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root")
+def test_a_worker_of_the_same_group_reads_the_registry(tmp_path: Path) -> None:
+    """As root: a registry owned by root and group G; a process running as nobody:G loads a
+    version (and nobody in another group cannot)."""
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="group-read-", dir="/tmp"))  # noqa: S108
+    try:
+        base.chmod(0o711)  # traversable, as /srv or /var/lib
+        reg = Registry(base / "reg")
+        version = reg.add(_checkpoint(tmp_path / "m1")).version
+        reg.promote(version)
+        reg.identity()
+        gid = 4242
+        for dirpath, dirnames, filenames in os.walk(reg.root):
+            for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
+                os.chown(name, 0, gid)
+        reg.root.chmod(0o750)
+
+        def read_as_nobody(group: int) -> str:
+            # a forked child (the interpreter may live where nobody cannot exec it) drops to
+            # uid 65534 in ``group`` and loads the production version
+            read, write = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child
+                os.close(read)
+                try:
+                    os.setgroups([])
+                    os.setgid(group)
+                    os.setuid(65534)
+                    version = Registry(reg.root).production() or ""
+                    _, manifest = load_checkpoint(Registry(reg.root).path(version))
+                    out = f"ok {manifest.version} {Registry(reg.root).identity()}"
+                except Exception as exc:  # noqa: BLE001 - reported to the parent
+                    out = f"error {exc!r}"
+                os.write(write, out.encode())
+                os._exit(0)
+            os.close(write)
+            with os.fdopen(read) as fh:
+                text = fh.read()
+            os.waitpid(pid, 0)
+            return text
+
+        assert read_as_nobody(gid).split()[:2] == ["ok", version]
+        denied = read_as_nobody(4343)
+        assert denied.startswith("error") and "Permission denied" in denied
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

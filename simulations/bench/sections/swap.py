@@ -31,8 +31,8 @@ from simulations.bench.results import Section
 from simulations.bench.runner import Context
 from stream_rnn.ops.processes import worker_status
 from stream_rnn.registry.checkpoint import read_manifest
-from stream_rnn.registry.updates import build_update, publish_update, sign
 from stream_rnn.registry.versions import Registry
+from stream_rnn.replay.publish import publish_model
 from stream_rnn.stream.codec import encode_event
 from stream_rnn.stream.messages import TokenEvent
 
@@ -65,11 +65,10 @@ class Publisher:
         self.key = self.key_file.read_text().strip().encode()
 
     def publish(self, model_dir: Path, policy: str) -> str:
-        version = self.registry.add(model_dir).version
-        self.registry.promote(version)
-        update = build_update(self.registry.path(version), policy=policy)  # type: ignore[arg-type]
-        publish_update(self.bootstrap, sign(update, self.key), self.topic)
-        return version
+        return publish_model(
+            self.registry, str(model_dir), bootstrap=self.bootstrap, topic=self.topic,
+            key=self.key, policy=policy,  # type: ignore[arg-type]
+        )  # fmt: skip
 
 
 def run(ctx: Context, section: Section) -> None:
