@@ -16,7 +16,6 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from stream_rnn.registry.announce import (
     architecture_summary,
     check_authentic,
 )
-from stream_rnn.registry.checkpoint import MANIFEST_FILE, Manifest, load_checkpoint
+from stream_rnn.registry.checkpoint import Manifest, load_checkpoint, load_verified
 from stream_rnn.registry.exceptions import (
     CheckpointError,
     RegistryError,
@@ -127,23 +126,17 @@ def _load_announced(
     except RegistryError as exc:
         raise UpdateRejected(reason="unreadable", detail=str(exc)) from exc
     try:
-        raw_manifest = (where / MANIFEST_FILE).read_bytes()
-    except OSError as exc:
-        raise UpdateRejected(
-            reason="unreadable",
-            detail=f"cannot read {where / MANIFEST_FILE} ({exc.strerror or exc}); can this "
-            "worker's user read the registry (group-readable, mode 0640)?",
-        ) from exc
-    if hashlib.sha256(raw_manifest).hexdigest() != update.manifest_sha256:
-        raise UpdateRejected(
-            reason="checksum",
-            detail=f"{where / MANIFEST_FILE} does not have the announced sha256 "
-            f"{update.manifest_sha256[:12]}…; the registry copy was modified after publishing",
+        # one read: the manifest's and weights' bytes are hashed, checked against the
+        # announcement and loaded from those same bytes (no file is opened twice)
+        found = load_verified(
+            where,
+            device=device,
+            expect_manifest_sha256=update.manifest_sha256,
+            expect_weights_sha256=update.weights_sha256,
         )
-    try:
-        model, manifest = load_checkpoint(where, device=device)
     except CheckpointError as exc:
         raise UpdateRejected(reason=_reason_of(exc), detail=str(exc)) from exc
+    model, manifest = found.model, found.manifest
     if manifest.weights_sha256 != update.weights_sha256 or manifest.version != update.version:
         raise UpdateRejected(
             reason="checksum",

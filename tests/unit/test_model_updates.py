@@ -303,7 +303,7 @@ def test_checksum(tmp_path: Path, current: Manifest) -> None:
     manifest["metrics"] = {"acc": 1.0}
     (stored / "manifest.json").write_text(json.dumps(manifest))
     err = _rejected(update, current, where=where)
-    assert err.reason == "checksum" and "announced sha256" in str(err)
+    assert err.reason == "checksum" and "does not match the manifest sha256 announced" in str(err)
     # an announcement whose own fields disagree with the files it names
     fresh = build_update(_reg(where), update.version, policy="keep", seq=next(_SEQ))
     wrong = dataclasses.replace(fresh, weights_sha256="0" * 64)
