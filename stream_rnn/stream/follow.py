@@ -43,6 +43,7 @@ from aiokafka.errors import KafkaError
 from kafka import KafkaConsumer
 from kafka.errors import KafkaError as SyncKafkaError
 
+from stream_rnn.model.network import RecurrentModel
 from stream_rnn.registry.announce import ModelUpdate, check_authentic
 from stream_rnn.registry.checkpoint import Manifest
 from stream_rnn.registry.exceptions import RegistryError, UpdateRejected
@@ -71,6 +72,10 @@ class StartupChoice:
     seq: int = 0
     refusal: UpdateRejected | None = None
     fallback: bool = False
+    # what was verified, to be served as it is (not loaded again from the files), and the
+    # state policy the announcement of the served version asked for (None: not announced)
+    loaded: tuple[RecurrentModel, Manifest] | None = None
+    policy: str | None = None
 
 
 def startup_model(
@@ -108,12 +113,15 @@ def startup_model(
     if best is not None:
         refusal = None
         try:
-            verify_update(
+            verified = verify_update(
                 best, registry=reg, current=None, topic=topic, allow_unsigned=allow_unsigned,
                 key=key, after_seq=best.seq - 1, device=device,
             )  # fmt: skip
             where = f"announced on {topic}, sequence number {best.seq}"
-            return StartupChoice(reg.path(best.version), best.version, where, seq)
+            loaded = (verified.model, verified.manifest)
+            return StartupChoice(
+                reg.path(best.version), best.version, where, seq, loaded=loaded, policy=best.policy
+            )
         except UpdateRejected as err:
             refusal, refused_version = err, best.version
     if refusal is not None:
@@ -138,7 +146,7 @@ def _newest_that_verifies(
             continue
         seen.add(version)
         try:
-            load_version(reg, version, device=device)
+            loaded = load_version(reg, version, device=device)
         except UpdateRejected as err:
             log.warning("registry version %s does not verify: %s", version, err)
             refusal = refusal or err
@@ -151,7 +159,7 @@ def _newest_that_verifies(
             )  # fmt: skip
         source = "newest version that verifies" if fallback else "production"
         return StartupChoice(
-            reg.path(version), version, f"{source} in {reg.root}", seq, refusal, fallback
+            reg.path(version), version, f"{source} in {reg.root}", seq, refusal, fallback, loaded
         )
     if production is None and refusal is None:
         raise StreamError(

@@ -60,7 +60,8 @@ from stream_rnn.engine.engine import Engine
 from stream_rnn.engine.exceptions import PoolError
 from stream_rnn.engine.pool import StatePool
 from stream_rnn.engine.versions import SwapPolicy, check_policy
-from stream_rnn.registry.checkpoint import load_checkpoint
+from stream_rnn.model.network import RecurrentModel
+from stream_rnn.registry.checkpoint import Manifest, load_checkpoint
 from stream_rnn.registry.exceptions import CheckpointError, RegistryError, UpdateRejected
 from stream_rnn.registry.updates import VerifiedUpdate
 from stream_rnn.registry.versions import Registry
@@ -105,12 +106,19 @@ class StreamWorker(CommitMixin):
     decisions are in `CommitMixin` (`stream_rnn.stream.worker_commit`).
     """
 
-    def __init__(self, opts: WorkerOptions) -> None:
+    def __init__(
+        self, opts: WorkerOptions, loaded: tuple[RecurrentModel, Manifest] | None = None
+    ) -> None:
+        """``loaded``: the model (and manifest) of ``opts.model_dir`` verified already (at a
+        registry start-up), served as it is; else the checkpoint is loaded (and verified)."""
         self.opts = opts
         device = opts.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        model, manifest = load_checkpoint(opts.model_dir, device=device)
+        if loaded is not None:
+            model, manifest = loaded[0].to(device).eval(), loaded[1]
+        else:
+            model, manifest = load_checkpoint(opts.model_dir, device=device)
         # Evicted states live in a local file (bounded memory); the state topic is the truth,
         # so the file starts empty with every process (and goes with it, see run_worker).
         self.workdir = opts.worker_dir / f"{opts.group}-{os.getpid()}"

@@ -32,7 +32,7 @@ from stream_rnn.registry.keys import UpdateKey, load_update_key
 from stream_rnn.stream import faust_boundary as fb
 from stream_rnn.stream.batches import consume_batches
 from stream_rnn.stream.exceptions import StreamError
-from stream_rnn.stream.follow import ModelFollower, startup_model
+from stream_rnn.stream.follow import ModelFollower, StartupChoice, startup_model
 from stream_rnn.stream.reasons import REASONS
 from stream_rnn.stream.sensors import MetricsCollector, MetricsServer
 from stream_rnn.stream.status import StatusServer
@@ -203,12 +203,16 @@ def run_worker(opts: WorkerOptions, settings: Settings) -> int:
     layout = ensure_topics(opts.bootstrap, opts.settings(settings), partitions=opts.partitions)
     for mismatch in fb.check_versions():
         log.warning("untested version: %s; the worker relies on its internals", mismatch)
+    choice = None
     if opts.registry is not None:
-        opts = start_from_registry(opts)
+        opts, choice = start_from_registry(opts)
     removed = remove_stale_dirs(opts.worker_dir)
     if removed:
         log.info("removed %d local state files of workers that are gone", removed)
-    worker = StreamWorker(opts)
+    # the model verified at start-up is served as it was loaded (no second read of its files)
+    worker = StreamWorker(opts, loaded=choice.loaded if choice is not None else None)
+    if choice is not None and choice.policy is not None:
+        worker.follow_policy(choice.policy)  # restored states of older versions get it
     if opts.startup_refusal is not None:
         worker.sensor.on_startup_refusal(opts.startup_refusal.partition(":")[0])
     app = build_app(opts, worker)
@@ -248,8 +252,9 @@ def worker_update_key(opts: WorkerOptions) -> UpdateKey | None:
     return None
 
 
-def start_from_registry(opts: WorkerOptions) -> WorkerOptions:
-    """``opts`` with the registry version to serve first, verified (`startup_model`)."""
+def start_from_registry(opts: WorkerOptions) -> tuple[WorkerOptions, StartupChoice]:
+    """``opts`` with the registry version to serve first, verified (`startup_model`), and
+    that choice (the loaded model, the policy announced with it)."""
     key = worker_update_key(opts)
     if key is None:
         log.warning(
@@ -266,13 +271,14 @@ def start_from_registry(opts: WorkerOptions) -> WorkerOptions:
         "serving %s (%s); following %s", choice.version, choice.source, opts.model_updates_topic
     )
     refusal = choice.refusal
-    return replace(
+    chosen = replace(
         opts,
         model_dir=choice.model_dir,
         update_seq=choice.seq,
         startup_refusal=f"{refusal.reason}: {refusal.detail}" if refusal else None,
         serving_fallback=choice.fallback,
     )
+    return chosen, choice
 
 
 def remove_stale_dirs(worker_dir: Path) -> int:

@@ -73,6 +73,8 @@ def test_a_tampered_announced_version_is_refused_at_start_and_the_previous_one_s
     v2 = _publish(reg, _model(tmp_path / "m2", seed=2), announcer)
     choice = startup_model(reg.root, kafka_broker, topic, key=UpdateKey.hmac(SECRET))
     assert (choice.version, choice.seq, choice.fallback) == (v2, 2, False)
+    # the policy v2's announcement asked for goes to states restored from older versions
+    assert choice.policy in ("keep", "reset", "rewarm") and choice.loaded is not None
 
     _flip_a_weight(reg.path(v2))  # someone with write access to the registry
     choice = startup_model(reg.root, kafka_broker, topic, key=UpdateKey.hmac(SECRET))
@@ -85,8 +87,11 @@ def test_a_tampered_announced_version_is_refused_at_start_and_the_previous_one_s
         "", Settings(), bootstrap=kafka_broker, registry=reg.root,
         update_key_file=key_file, model_updates_topic=topic,
     )  # fmt: skip
-    started = start_from_registry(opts)
+    started, chosen = start_from_registry(opts)
     assert started.model_dir == reg.path(v1) and read_manifest(started.model_dir).version == v1
+    # what was verified is what serves: the loaded model, not a second read of the files
+    assert chosen.loaded is not None and chosen.loaded[1].version == v1
+    assert chosen.policy is None  # v1 was not announced last: the registry's lineage decides
     assert started.serving_fallback and started.update_seq == 2
     assert started.startup_refusal is not None and started.startup_refusal.startswith("checksum:")
     sensor = CountingSensor()
