@@ -31,7 +31,20 @@ from stream_rnn.model.config import ModelConfig
 from stream_rnn.model.exceptions import ModelConfigError, WeightsError
 from stream_rnn.model.network import RecurrentModel
 from stream_rnn.registry.exceptions import CheckpointError
+from stream_rnn.registry.files import atomic_write
 from stream_rnn.registry.safe_read import open_directory, read_file_once
+
+__all__ = [
+    "MANIFEST_FILE",
+    "WEIGHTS_FILE",
+    "Manifest",
+    "VerifiedCheckpoint",
+    "atomic_write",
+    "load_checkpoint",
+    "load_verified",
+    "read_manifest",
+    "save_checkpoint",
+]
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights.safetensors"
@@ -106,21 +119,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` all at once (temp file in the same directory, fsync,
-    ``os.replace``): a reader sees the old content or the new, never part of it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(

@@ -57,6 +57,8 @@ def atomic_write(path: Path, data: bytes, *, mode: int = FILE_MODE) -> None:
 
 
 def fsync_file(path: Path) -> None:
+    """Flush ``path`` (a file, or a directory: a rename or replace is durable only once its
+    directory entry is) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -64,10 +66,4 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def fsync_dir(path: Path) -> None:
-    # a rename/replace itself is durable only once its directory entry is
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+fsync_dir = fsync_file
