@@ -82,6 +82,7 @@ METRICS: dict[str, Metric] = {
         Metric("stream_rnn_model_info", "gauge", ("version",)),
         Metric("stream_rnn_model_swaps_total", "counter"),
         Metric("stream_rnn_model_updates_rejected_total", "counter", ("reason",)),
+        Metric("stream_rnn_model_startup_refusals_total", "counter", ("reason",)),
         Metric("stream_rnn_swap_pause_seconds", "histogram"),
         # retraining job (stream_rnn/ops/retrain_report.py)
         Metric("stream_rnn_retrain_runs_total", "counter", ("decision",), _RETRAIN),

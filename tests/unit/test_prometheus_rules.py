@@ -46,6 +46,7 @@ REQUIRED_ALERTS = {
     "StreamRnnLatencyP99High",
     "StreamRnnDeadLetterSpike",
     "StreamRnnModelUpdateRejected",
+    "StreamRnnServingFallback",
     "StreamRnnCommitFailures",
     "StreamRnnRetrainFailing",
     "StreamRnnNoPartitions",
