@@ -43,6 +43,7 @@ __all__ = [
     "load_checkpoint",
     "load_verified",
     "read_manifest",
+    "read_manifest_with_sha256",
     "save_checkpoint",
 ]
 
@@ -172,6 +173,18 @@ def save_checkpoint(
 def read_manifest(directory: str | Path) -> Manifest:
     """The manifest of the checkpoint in ``directory`` (read once, size-capped, no links)."""
     return _parse_manifest(Path(directory), _read_manifest_bytes(Path(directory)))
+
+
+def read_manifest_with_sha256(directory: str | Path) -> tuple[Manifest, str]:
+    """The manifest of ``directory`` and the sha256 of the very bytes it was parsed from (one
+    read, size-capped, no links): what an announcement of this version must carry.
+
+    Example::
+
+        manifest, manifest_sha256 = read_manifest_with_sha256(registry.path(version))
+    """
+    raw = _read_manifest_bytes(Path(directory))
+    return _parse_manifest(Path(directory), raw), hashlib.sha256(raw).hexdigest()
 
 
 def _read_manifest_bytes(where: Path, dir_fd: int | None = None) -> bytes:

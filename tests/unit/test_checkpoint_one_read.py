@@ -29,6 +29,7 @@ from stream_rnn.registry.checkpoint import (
     load_checkpoint,
     load_verified,
     read_manifest,
+    read_manifest_with_sha256,
     save_checkpoint,
 )
 from stream_rnn.registry.exceptions import CheckpointError
@@ -242,3 +243,27 @@ def test_the_happy_path_loads_what_an_independent_reader_sees(tmp_path: Path) ->
     model, manifest = load_checkpoint(tmp_path / "v")
     assert manifest == found.manifest
     assert all(torch.equal(model.state_dict()[k], v) for k, v in reference.items())
+
+
+def test_the_manifest_and_its_sha256_come_from_one_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What an announcement carries (manifest fields and manifest sha256) describes one set
+    of bytes, even if the file is replaced right after it was read."""
+    _save(tmp_path / "v", seed=1)
+    _save(tmp_path / "evil", seed=2)
+    raw = (tmp_path / "v" / MANIFEST_FILE).read_bytes()
+    real = safe_read.read_file_once
+
+    def read_then_swap(directory: Path, name: str, **kw: Any) -> bytes:
+        data = real(directory, name, **kw)
+        os.replace(tmp_path / "evil" / MANIFEST_FILE, directory / MANIFEST_FILE)
+        return data
+
+    monkeypatch.setattr("stream_rnn.registry.checkpoint.read_file_once", read_then_swap)
+    manifest, sha = read_manifest_with_sha256(tmp_path / "v")
+    assert sha == hashlib.sha256(raw).hexdigest()
+    assert manifest == Manifest.from_dict(json.loads(raw), tmp_path)
+    (tmp_path / "link").symlink_to(tmp_path / "v")
+    with pytest.raises(CheckpointError, match="symbolic link"):
+        read_manifest_with_sha256(tmp_path / "link")
