@@ -78,6 +78,17 @@ def _containers(spec: dict[str, Any]) -> list[dict[str, Any]]:
     return [*spec.get("initContainers", []), *spec["containers"]]
 
 
+def _compose_mounts(service: dict[str, Any]) -> dict[str, str]:
+    """Mount path -> source (a volume's name or a host path) of a compose service."""
+    return {m.split(":")[1]: m.split(":")[0] for m in service.get("volumes", [])}
+
+
+def _mounted_at(path: str, mounts: dict[str, str]) -> str | None:
+    """The source of the mount (mount path -> source) that holds ``path``, if any."""
+    found = [t for t in mounts if path == t or path.startswith(t.rstrip("/") + "/")]
+    return mounts[max(found, key=len)] if found else None
+
+
 def _dockerfile() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
     instructions: list[tuple[str, str]] = []
@@ -171,6 +182,49 @@ def _command(argv: list[str]) -> tuple[click.Command, list[str]]:
         )
         command, rest = command.commands[rest[0]], rest[1:]
     return command, rest
+
+
+PRIVATE, PUBLIC = "update.key", "update.pub"  # what `stream-rnn models keygen` writes
+SIGNING = {"retrain", "publish", "promote", "rollback"}  # commands that announce model updates
+
+
+def _role(argv: list[str]) -> str | None:
+    """ "worker" (verifies model updates), "publisher" (signs them) or None."""
+    name = _command(argv)[0].name
+    return "worker" if name == "worker" else "publisher" if name in SIGNING else None
+
+
+def _assert_key_mode(where: str, name: str, mode: str | None) -> None:
+    """load_update_key's rule: a private key is 0600-ish, a public key not writable by others."""
+    assert mode, f"{where}: install it with an explicit -m"
+    forbidden = 0o077 if name == PRIVATE else 0o022
+    assert not int(mode, 8) & forbidden, f"{where}: mode {mode} (load_update_key refuses it)"
+
+
+def _script(argv: list[str]) -> str:
+    """The shell script of ``sh -c SCRIPT``, else the command line itself."""
+    if argv[:1] in (["sh"], ["bash"]) and "-c" in argv:
+        return argv[argv.index("-c") + 1]
+    return shlex.join(argv)
+
+
+def _install_steps(script: str) -> list[dict[str, str | None]]:
+    """The ``install [-m MODE] [-o OWNER] [-g GROUP] SOURCE TARGET`` steps of a script."""
+    steps = []
+    for segment in re.split(r"&&|;|\n", script):
+        words = shlex.split(segment)
+        if words[:1] != ["install"]:
+            continue
+        flags, paths, i = {}, [], 1
+        while i < len(words):
+            if words[i] in ("-m", "-o", "-g"):
+                flags[words[i]], i = words[i + 1], i + 2
+            else:
+                paths, i = [*paths, words[i]], i + 1
+        assert len(paths) == 2, f"`{segment.strip()}`: install SOURCE TARGET"
+        steps.append({"mode": flags.get("-m"), "owner": flags.get("-o"),
+                      "group": flags.get("-g"), "source": paths[0], "target": paths[1]})  # fmt: skip
+    return steps
 
 
 def _options(argv: list[str], *, strict: bool = True) -> dict[str, list[str]]:
@@ -345,7 +399,6 @@ def test_compose_references_exist() -> None:
         # the key is made by hand and must never be committed
         path = (DEPLOY / secret["file"]).resolve()
         assert "*" in (path.parent / ".gitignore").read_text().split(), path.parent
-    assert f"-o {_uid()} -g {_uid()}" in json.dumps(services["update-key"]["command"])
 
 
 def _metrics_and_web(argv: list[str]) -> dict[str, int]:
@@ -386,17 +439,69 @@ def test_compose_ports_agree_with_commands_healthchecks_and_prometheus() -> None
             assert int(scraped) == listening[host], f"Prometheus scrapes {target}: {listening}"
 
 
-def test_compose_workers_share_group_registry_and_key() -> None:
+def test_compose_workers_share_group_and_registry() -> None:
     by_service = {w.split(":")[1]: _options(a, strict=False) for w, a in _compose_invocations()}
     workers = [by_service[n] for n in ("worker-1", "worker-2")]
     assert workers[0]["--group"] == workers[1]["--group"]
     assert workers[0]["--partitions"] == workers[1]["--partitions"]
     for name, options in by_service.items():
-        mounts = {m.split(":")[1]: m.split(":")[0] for m in _services()[name].get("volumes", [])}
+        mounts = _compose_mounts(_services()[name])
         if "--registry" in options:
             assert mounts.get(options["--registry"][0]) == "registry", f"compose {name}"
-        if "--update-key-file" in options:
-            assert str(Path(options["--update-key-file"][0]).parent) in mounts, f"compose {name}"
+
+
+def test_compose_workers_get_only_the_public_key_and_publishers_the_private_key() -> None:
+    """The Ed25519 split: a compromised worker can verify model updates but never sign them."""
+    compose, services = _compose(), _services()
+    installer = services["update-key"]
+    mounts = _compose_mounts(installer)
+    holds: dict[str, set[str]] = {}  # volume -> the key files installed into it
+    steps = _install_steps(
+        _script(_argv(installer.get("entrypoint")) + _argv(installer["command"]))
+    )
+    for step in steps:
+        name, secret = Path(step["target"]).name, Path(step["source"]).name
+        volume = _mounted_at(step["target"], mounts)
+        assert volume in (compose.get("volumes") or {}), f"update-key: {step['target']}: volume?"
+        assert step["source"] == f"/run/secrets/{secret}", step
+        assert secret in installer.get("secrets", []), f"update-key: secret {secret}?"
+        assert Path(compose["secrets"][secret]["file"]).name == name, f"secret {secret}: {name}?"
+        _assert_key_mode(f"compose update-key: {name}", name, step["mode"])
+        if name == PRIVATE:  # load_update_key: a private key is owned by its reader
+            assert (step["owner"], step["group"]) == (str(_uid()), str(_uid())), step
+        holds.setdefault(volume, set()).add(name)
+    private = {v for v, names in holds.items() if PRIVATE in names}
+    public = {v for v, names in holds.items() if PUBLIC in names}
+    assert private and public and not private & public, f"update-key installs {holds}"
+    roles: dict[str, set[str]] = {"worker": set(), "publisher": set()}
+    for where, argv in _compose_invocations():
+        name, role = where.split(":")[1], _role(argv)
+        if role is None:
+            continue
+        env = services[name].get("environment") or {}
+        if isinstance(env, list):
+            env = dict(item.partition("=")[::2] for item in env)
+        key = (_options(argv, strict=False).get("--update-key-file") or [""])[0]
+        key = key or str(env.get("STREAM_RNN_UPDATE_KEY_FILE", ""))
+        volume = _mounted_at(key, _compose_mounts(services[name]))
+        wanted, volumes = (PUBLIC, public) if role == "worker" else (PRIVATE, private)
+        assert Path(key).name == wanted, f"compose {name}: a {role} reads {key!r}, not {wanted}"
+        assert volume in volumes, f"compose {name}: {key} is not on a volume holding {wanted}"
+        roles[role].add(name)
+    assert {"worker-1", "worker-2"} <= roles["worker"], roles
+    assert {"seed", "retrain"} <= roles["publisher"], roles
+    secrets_dir = (DEPLOY / "secrets").resolve()
+    for name in roles["worker"]:
+        service = services[name]
+        sources = set(_compose_mounts(service).values())
+        assert not sources & private, f"compose {name}: a worker mounts the private key"
+        taken = {compose["secrets"][s]["file"] for s in service.get("secrets", [])}
+        assert not {f for f in taken if Path(f).name == PRIVATE}, f"compose {name}: {taken}"
+        for source in (s for s in sources if s.startswith((".", "/"))):
+            where = (DEPLOY / source).resolve()
+            assert not where.is_relative_to(secrets_dir), f"compose {name} mounts {source}"
+    signers = {n for n, s in services.items() if set(_compose_mounts(s).values()) & private}
+    assert signers <= {"update-key"} | roles["publisher"], f"the private key reaches {signers}"
 
 
 def test_compose_mounts_what_prometheus_and_grafana_read() -> None:
@@ -448,6 +553,26 @@ def test_kustomization_lists_every_manifest() -> None:
         for entry in generator["files"]:
             path = K8S / entry.partition("=")[2]
             assert "*" in (path.parent / ".gitignore").read_text().split(), path.parent
+
+
+@pytest.mark.parametrize("folder", ["secrets", "k8s/secrets"])
+def test_the_key_folders_stay_git_ignored(folder: str) -> None:
+    """`stream-rnn models keygen --out deploy/secrets` (or deploy/k8s/secrets) writes there."""
+    ignore = (DEPLOY / folder / ".gitignore").read_text().split()
+    assert "*" in ignore, f"deploy/{folder}/.gitignore must ignore everything (keys live there)"
+
+
+def test_keys_come_only_from_the_git_ignored_folders() -> None:
+    folders = {(DEPLOY / "secrets").resolve(), (K8S / "secrets").resolve()}
+    files = [(DEPLOY / s["file"]).resolve() for s in _compose()["secrets"].values()]
+    files += [
+        (K8S / (entry.partition("=")[2] if "=" in entry else entry)).resolve()
+        for generator in _yaml(K8S / "kustomization.yaml").get("secretGenerator", [])
+        for entry in generator.get("files", [])
+    ]
+    assert {PRIVATE, PUBLIC} <= {f.name for f in files}, files
+    for path in files:
+        assert path.parent in folders, f"{path}: keep keys in deploy/secrets or deploy/k8s/secrets"
 
 
 def test_k8s_objects_are_well_formed() -> None:
@@ -522,19 +647,98 @@ def test_k8s_ports_agree_with_commands_probes_services_and_partitions() -> None:
     assert int(configmap["STREAM_RNN_PARTITIONS"]) == partitions, "ConfigMap vs --partitions"
 
 
-def test_k8s_registry_and_key_paths_are_mounted_and_retrain_runs_once() -> None:
+def test_k8s_registry_paths_are_mounted_and_retrain_runs_once() -> None:
     configmap = next(o for o in _k8s_objects() if o["kind"] == "ConfigMap")["data"]
-    registry, key = configmap["STREAM_RNN_REGISTRY"], configmap["STREAM_RNN_UPDATE_KEY_FILE"]
+    registry = configmap["STREAM_RNN_REGISTRY"]
     for where, spec in _pods():
         claims = {v["name"] for v in spec["volumes"] if "persistentVolumeClaim" in v}
         for container in spec["containers"]:
             mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
             # a model-update announcement names the version's directory: same path in every pod
             assert {mounts[c] for c in claims} == {registry}, where
-            assert str(Path(key).parent) in mounts.values(), f"{where}: {key} is not mounted"
     for where, argv in _k8s_invocations():
         options = _options(argv, strict=False)
         assert options.get("--registry", [registry]) == [registry], where
-        assert options.get("--update-key-file", [key]) == [key], where
         if _command(argv)[0].name == "retrain":
             assert "--every" not in options, f"{where}: the CronJob is the schedule"
+
+
+def _k8s_secret_files() -> dict[str, set[str]]:
+    """Secret name -> its file names, from the kustomization's secretGenerators."""
+    kustomization = _yaml(K8S / "kustomization.yaml")
+    return {
+        g["name"]: {e.partition("=")[0] if "=" in e else Path(e).name for e in g.get("files", [])}
+        for g in kustomization.get("secretGenerator", [])
+    }
+
+
+def _pod_keys(spec: dict[str, Any]) -> tuple[dict[str, set[str]], dict[str, str]]:
+    """(volume -> the key files it holds, key path -> the mode its init container gave it).
+
+    Secret volumes hold their Secret's files; an emptyDir holds what an init container
+    ``install``s into it from a mounted Secret (tracked by the source file, whatever the copy
+    is called).
+    """
+    secrets = _k8s_secret_files()
+    holds: dict[str, set[str]] = {}
+    for volume in spec["volumes"]:
+        named = [volume["secret"]["secretName"]] if "secret" in volume else []
+        for source in volume.get("projected", {}).get("sources", []):
+            named += [source["secret"]["name"]] if "secret" in source else []
+        for secret in named:
+            holds.setdefault(volume["name"], set()).update(secrets.get(secret, set()))
+    modes: dict[str, str] = {}
+    for container in spec.get("initContainers", []):
+        mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+        argv = [*_argv(container.get("command")), *_argv(container.get("args"))]
+        for step in _install_steps(_script(argv)):
+            source = _mounted_at(step["source"], mounts)
+            content = holds.get(source or "", set()) & {Path(step["source"]).name}
+            target = _mounted_at(step["target"], mounts)
+            assert target, f"{container['name']}: {step['target']} is on no volume"
+            holds.setdefault(target, set()).update(content)
+            modes[step["target"]] = step["mode"]
+    return holds, modes
+
+
+def test_k8s_workers_get_only_the_public_key_and_the_publisher_the_private_key() -> None:
+    """The Ed25519 split: a compromised worker pod can verify model updates, never sign them."""
+    configmap = next(o for o in _k8s_objects() if o["kind"] == "ConfigMap")["data"]
+    default = configmap["STREAM_RNN_UPDATE_KEY_FILE"]
+    assert Path(default).name == PUBLIC, f"ConfigMap: the workers' key is {PUBLIC}, not {default}"
+    secrets = _k8s_secret_files()
+    assert {PRIVATE} in secrets.values() and {PUBLIC} in secrets.values(), secrets
+    invocations = _k8s_invocations()
+    roles: dict[str, set[str]] = {"worker": set(), "publisher": set()}
+    for where, spec in _pods():
+        holds, modes = _pod_keys(spec)
+        pod_roles = set()
+        for container in spec["containers"]:
+            mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+            for _, argv in (i for i in invocations if i[0] == f"k8s:{where}:{container['name']}"):
+                role = _role(argv)
+                if role is None:
+                    continue
+                key = (_options(argv, strict=False).get("--update-key-file") or [default])[0]
+                wanted = PUBLIC if role == "worker" else PRIVATE
+                assert Path(key).name == wanted, f"{where}: a {role} reads {key}, not {wanted}"
+                volume = _mounted_at(key, mounts)
+                assert wanted in holds.get(volume or "", set()), f"{where}: {key} is no {wanted}"
+                # Secret volumes are symlinks (..data/...), which load_update_key refuses
+                assert key in modes, f"{where}: {key} is not copied by an init container"
+                _assert_key_mode(f"{where}: {key}", wanted, modes[key])
+                pod_roles.add(role)
+                roles[role].add(where)
+        if "worker" not in pod_roles:
+            continue
+        leaked = sorted(v for v, files in holds.items() if PRIVATE in files)
+        assert not leaked, f"{where}: a worker pod holds {PRIVATE} in {leaked}"
+        for container in _containers(spec):
+            refs = [
+                r["secretRef"]["name"] for r in container.get("envFrom", []) if "secretRef" in r
+            ]
+            for env in container.get("env", []):
+                ref = env.get("valueFrom", {}).get("secretKeyRef")
+                assert not ref or ref["key"] != PRIVATE, f"{where}: env {env['name']}"
+            assert not any(PRIVATE in secrets.get(r, set()) for r in refs), f"{where}: {refs}"
+    assert roles["worker"] and roles["publisher"], roles
