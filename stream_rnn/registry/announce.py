@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
-from stream_rnn.registry.checkpoint import MANIFEST_FILE, Manifest, read_manifest
+from stream_rnn.registry.checkpoint import Manifest, read_manifest_with_sha256
 from stream_rnn.registry.exceptions import RegistryError, UpdateRejected
 from stream_rnn.registry.keys import ALGORITHMS, UpdateKey, as_update_key
 from stream_rnn.registry.versions import check_version_id
@@ -200,14 +200,14 @@ def build_update(
     if policy not in POLICIES:
         raise RegistryError(f"policy {policy!r} is not one of {', '.join(POLICIES)}")
     where = registry.path(version)
-    manifest = read_manifest(where)
+    manifest, manifest_sha256 = read_manifest_with_sha256(where)  # one read, hashed as parsed
     return ModelUpdate(
         version=manifest.version,
         seq=seq,
         registry_id=registry.identity(),
         topic=topic,
         weights_sha256=manifest.weights_sha256,
-        manifest_sha256=hashlib.sha256((where / MANIFEST_FILE).read_bytes()).hexdigest(),
+        manifest_sha256=manifest_sha256,
         architecture=architecture_summary(manifest),
         policy=policy,
         published_at=time.time() if published_at is None else published_at,
