@@ -85,6 +85,17 @@ def make_model(out: Path, task: str, n: int, *, seed: int = 1) -> tuple[Path, Pa
     return model_dir, data, records
 
 
+def tiny_checkpoint(out: Path, seed: int, vocab: Vocab | None = None) -> Path:
+    """A small untrained next-token GRU checkpoint in ``out`` (distinct weights per seed)."""
+    vocab = vocab or Vocab.build(["abcdefgh"], "char")
+    torch.manual_seed(seed)
+    cfg = ModelConfig(
+        task="next-token", cell="gru", vocab_size=len(vocab), embed_dim=4, hidden_size=8
+    )
+    save_checkpoint(out, RecurrentModel(cfg).eval(), vocab=vocab.to_dict())
+    return out
+
+
 def expected_count(task: str, records: Sequence[Record]) -> int:
     """Distinct predictions a worker emits for ``records`` (each sequence ended)."""
     if task == "classify":

@@ -17,12 +17,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from kafka import KafkaProducer
 from kafka_fixtures import unique_name
+from stream_harness import tiny_checkpoint
 
-from stream_rnn.model import ModelConfig, RecurrentModel
-from stream_rnn.registry import Manifest, Registry, UpdateRejected, read_manifest, save_checkpoint
+from stream_rnn.registry import Manifest, Registry, UpdateRejected, read_manifest
 from stream_rnn.registry.keys import UpdateKey
 from stream_rnn.registry.updates import (
     UPDATE_KEY,
@@ -40,12 +39,7 @@ KEY = UpdateKey.hmac(base64.b64encode(os.urandom(32)))
 
 
 def _model(out: Path, seed: int) -> Path:
-    torch.manual_seed(seed)
-    cfg = ModelConfig(
-        task="next-token", cell="gru", vocab_size=len(VOCAB), embed_dim=4, hidden_size=8
-    )
-    save_checkpoint(out, RecurrentModel(cfg).eval(), vocab=VOCAB.to_dict())
-    return out
+    return tiny_checkpoint(out, seed, VOCAB)
 
 
 def _promote(version: str):

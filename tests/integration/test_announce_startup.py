@@ -13,13 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from kafka_fixtures import unique_name
-from stream_harness import REPO
+from stream_harness import REPO, tiny_checkpoint
 
-from stream_rnn.model import ModelConfig, RecurrentModel
 from stream_rnn.ops.settings import Settings
-from stream_rnn.registry import Registry, read_manifest, save_checkpoint
+from stream_rnn.registry import Registry, read_manifest
 from stream_rnn.registry.keys import UpdateKey
 from stream_rnn.registry.updates import Announcer, announce_production
 from stream_rnn.stream.exceptions import StreamError
@@ -34,12 +32,7 @@ SECRET = base64.b64encode(os.urandom(32))
 
 
 def _model(out: Path, seed: int) -> Path:
-    torch.manual_seed(seed)
-    cfg = ModelConfig(
-        task="next-token", cell="gru", vocab_size=len(VOCAB), embed_dim=4, hidden_size=8
-    )
-    save_checkpoint(out, RecurrentModel(cfg).eval(), vocab=VOCAB.to_dict())
-    return out
+    return tiny_checkpoint(out, seed, VOCAB)
 
 
 def _publish(reg: Registry, src: Path, announcer: Announcer) -> str:
